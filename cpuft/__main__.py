@@ -1,0 +1,3 @@
+from cpuft.cli import main
+
+raise SystemExit(main())

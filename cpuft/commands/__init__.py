@@ -1,0 +1,1 @@
+"""One module per `cpuft` subcommand; each has `register(subparsers)` and parses, validates, hands off."""

@@ -1,0 +1,32 @@
+output "vms" {
+  description = "One entry per VM to create (keys \"cpu\" and/or \"gpu\") with every setting the root module needs."
+  value       = local.vms
+}
+
+output "labels" {
+  description = "Labels for the stack's non-VM resources (network, bucket, ...)."
+  value       = local.base_labels
+}
+
+output "hourly_usd" {
+  description = "Expected cost per hour of all the stack's VMs together (USD, price table rates); null when a machine type has no price."
+  value       = length(local.unpriced) > 0 ? null : sum(concat([0], [for vm in local.vms : vm.hourly_usd]))
+}
+
+output "max_cost_usd" {
+  description = "Worst case for one run: every VM running until max_run_duration deletes it."
+  value       = length(local.unpriced) > 0 ? null : sum(concat([0], [for vm in local.vms : vm.hourly_usd])) * var.max_run_hours
+}
+
+output "unpriced_machine_types" {
+  description = "Machine types missing from the price table (add them to infra/prices.csv or your own copy)."
+  value       = local.unpriced
+}
+
+output "warnings" {
+  description = "Choices that work but probably are not what a cpuft user wants."
+  value = concat(
+    [for vm in local.vms : "${vm.name}: ${vm.machine_type} has no AMX; bf16 training will be slow (use c3-, c4- or n4-)." if !vm.gpu && !vm.amx],
+    length(local.vms) == 0 ? ["Neither cpu_vm nor gpu_vm is set: no VM will be created."] : [],
+  )
+}
