@@ -45,3 +45,43 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @pytest.fixture
 def cpuft_cli():
     return run_cpuft
+
+
+# Question/answer rows with a learnable pattern, for the inference/merge/eval tests (issue 5).
+_CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+             ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Norway", "Oslo"), ("Cuba", "Havana")]
+
+
+def qa_rows() -> list[dict]:
+    rows = [{"prompt": f"What is the capital of {country}?", "completion": f"The capital of {country} is {city}."}
+            for country, city in _CAPITALS]
+    rows += [{"prompt": f"What is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."}
+             for a in range(2, 7) for b in range(3, 9)]
+    return rows
+
+
+@pytest.fixture(scope="session")
+def qa_dataset(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", qa_rows())
+
+
+@pytest.fixture(scope="session")
+def qa_model_dir(tmp_path_factory) -> Path:
+    """The test-size tiny model, its tokenizer trained on the Q/A rows (no bundled sample needed)."""
+    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+
+    texts = [row["prompt"] + " " + row["completion"] for row in qa_rows()]
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "qa", texts=texts, spec=TinyModelSpec(**TEST_MODEL_SPEC))
+
+
+@pytest.fixture(scope="session")
+def qa_run_dir(qa_model_dir, qa_dataset, tmp_path_factory) -> Path:
+    """One finished `cpuft sft` run (LoRA on the Q/A rows), shared by the merge and inference tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "qa"
+    result = run_cpuft(
+        "sft", "--model", qa_model_dir, "--dataset", qa_dataset, "--max-steps", "12", "--learning-rate", "5e-3",
+        "--eval-fraction", "0.1", "--per-device-batch-size", "8", "--gradient-accumulation-steps", "1",
+        "--save-steps", "6", "--output-dir", run_dir, "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

@@ -61,7 +61,18 @@ locals {
         results_bucket  = var.results_bucket
         batch_mode      = var.batch_mode
       })
+      # Only with a results bucket: on shutdown or preemption, copy the runs there.
+      shutdown_script = var.results_bucket == "" ? "" : templatefile("${path.module}/shutdown.sh.tftpl", {
+        results_bucket = var.results_bucket
+      })
     }
+  }
+
+  ssh = {
+    via = length(var.ssh_source_ranges) == 0 ? "iap" : "cidr"
+    # Google's documented source range of IAP TCP forwarding.
+    source_ranges = length(var.ssh_source_ranges) == 0 ? ["35.235.240.0/20"] : var.ssh_source_ranges
+    public_ip     = length(var.ssh_source_ranges) > 0
   }
 
   unpriced = [for role, vm in local.vms : vm.machine_type if vm.hourly_usd == null]

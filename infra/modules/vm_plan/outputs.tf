@@ -3,7 +3,7 @@ output "vms" {
   value       = local.vms
 }
 
-output "labels" {
+output "stack_labels" {
   description = "Labels for the stack's non-VM resources (network, bucket, ...)."
   value       = local.base_labels
 }
@@ -29,4 +29,9 @@ output "warnings" {
     [for vm in local.vms : "${vm.name}: ${vm.machine_type} has no AMX; bf16 training will be slow (use c3-, c4- or n4-)." if !vm.gpu && !vm.amx],
     length(local.vms) == 0 ? ["Neither cpu_vm nor gpu_vm is set: no VM will be created."] : [],
   )
+}
+
+output "ssh" {
+  description = "How SSH reaches the VMs: via (\"iap\" or \"cidr\"), the firewall's source_ranges, and whether VMs get a public IP."
+  value       = local.ssh
 }

@@ -147,3 +147,19 @@ variable "results_bucket" {
   type        = string
   default     = ""
 }
+
+variable "ssh_source_ranges" {
+  description = "Empty: SSH only through Identity-Aware Proxy and no public IP. Otherwise the CIDRs allowed to reach port 22 directly (the VMs then get a public IP)."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for c in var.ssh_source_ranges : can(cidrhost(c, 0))])
+    error_message = "Every ssh_source_ranges entry must be a CIDR such as \"203.0.113.7/32\"."
+  }
+  validation {
+    condition = alltrue([
+      for c in var.ssh_source_ranges : try(tonumber(split("/", c)[1]) >= (strcontains(c, ":") ? 32 : 16), false)
+    ])
+    error_message = "ssh_source_ranges must not open SSH to the internet: 0.0.0.0/0, ::/0 and anything wider than an IPv4 /16 or IPv6 /32 are refused. Leave it empty to go through IAP."
+  }
+}

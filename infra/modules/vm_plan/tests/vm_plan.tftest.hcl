@@ -54,6 +54,10 @@ run "defaults_are_one_self_deleting_spot_c3" {
     condition     = length(output.warnings) == 0 && length(output.unpriced_machine_types) == 0
     error_message = "The defaults raise no warning."
   }
+  assert {
+    condition     = output.vms.cpu.shutdown_script == ""
+    error_message = "Without a bucket there is nowhere to save runs on shutdown."
+  }
 }
 
 run "on_demand_with_gpu_batch_and_bucket" {
@@ -105,6 +109,10 @@ run "on_demand_with_gpu_batch_and_bucket" {
   assert {
     condition     = strcontains(output.vms.cpu.startup_script, "gs://proj-cpuft-results/")
     error_message = "The bucket helper uploads to the results bucket."
+  }
+  assert {
+    condition     = strcontains(output.vms.gpu.shutdown_script, "gcloud storage rsync --recursive \"$dir\" \"gs://proj-cpuft-results/$(hostname)/")
+    error_message = "On shutdown or preemption, runs are copied to the bucket."
   }
 }
 
@@ -166,4 +174,66 @@ run "max_run_hours_is_bounded" {
   }
 
   expect_failures = [var.max_run_hours]
+}
+
+run "ssh_defaults_to_iap_without_public_ip" {
+  command = apply
+
+  assert {
+    condition     = output.ssh.via == "iap" && output.ssh.source_ranges == tolist(["35.235.240.0/20"]) && !output.ssh.public_ip
+    error_message = "Without ssh_source_ranges, SSH comes only from IAP's range and VMs get no public IP."
+  }
+}
+
+run "ssh_from_an_explicit_cidr" {
+  command = apply
+
+  variables {
+    ssh_source_ranges = ["203.0.113.7/32", "2001:db8::/48"]
+  }
+
+  assert {
+    condition     = output.ssh.via == "cidr" && output.ssh.source_ranges == tolist(["203.0.113.7/32", "2001:db8::/48"]) && output.ssh.public_ip
+    error_message = "Explicit CIDRs replace IAP and need a public IP."
+  }
+}
+
+run "ssh_from_the_whole_internet_is_refused" {
+  command = plan
+
+  variables {
+    ssh_source_ranges = ["0.0.0.0/0"]
+  }
+
+  expect_failures = [var.ssh_source_ranges]
+}
+
+run "ssh_from_a_nearly_whole_internet_is_refused" {
+  command = plan
+
+  variables {
+    ssh_source_ranges = ["203.0.113.7/32", "0.0.0.0/1"]
+  }
+
+  expect_failures = [var.ssh_source_ranges]
+}
+
+run "ssh_from_all_ipv6_is_refused" {
+  command = plan
+
+  variables {
+    ssh_source_ranges = ["::/0"]
+  }
+
+  expect_failures = [var.ssh_source_ranges]
+}
+
+run "ssh_from_a_non_cidr_is_refused" {
+  command = plan
+
+  variables {
+    ssh_source_ranges = ["my-laptop"]
+  }
+
+  expect_failures = [var.ssh_source_ranges]
 }

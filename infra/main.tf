@@ -1,0 +1,269 @@
+# cpuft on GCP: self-deleting Spot VMs (C3 with AMX by default, optionally a
+# G2 with an L4) in their own network, reachable only over IAP (or an explicit
+# CIDR), running as a dedicated least-privilege service account.
+#
+# Teardown guarantees, from strongest to weakest:
+#   1. scheduling.max_run_duration + instance_termination_action = "DELETE":
+#      Compute Engine deletes each VM and its boot disk after max_run_hours,
+#      and on Spot preemption; nothing is merely stopped.
+#   2. scripts/gcp/teardown (terraform destroy).
+#   3. scripts/gcp/reaper.py deletes cpuft-labelled VMs older than N hours,
+#      stopped ones included (a stopped VM's run-time clock is reset and its
+#      disk still bills), and unattached cpuft-labelled disks.
+#   4. The optional budget alert e-mails the billing admins.
+
+locals {
+  region    = regex("^(.*)-[a-z]$", var.zone)[0]
+  ssh_tag   = "${var.name}-ssh"
+  ssh_via   = module.plan.ssh.via
+  public_ip = module.plan.ssh.public_ip
+
+  prices_file = var.prices_file != "" ? var.prices_file : "${path.module}/prices.csv"
+
+  batch_queue_yaml = var.batch_queue_file != "" ? file(var.batch_queue_file) : ""
+  bucket_name      = "${var.project_id}-${var.name}-results"
+  stack_labels     = module.plan.stack_labels
+
+  # Narrow OAuth scopes instead of cloud-platform: even if someone later
+  # grants the service account more roles, the VM cannot use them.
+  vm_scopes = concat(
+    [
+      "https://www.googleapis.com/auth/logging.write",
+      "https://www.googleapis.com/auth/monitoring.write",
+    ],
+    var.results_bucket ? ["https://www.googleapis.com/auth/devstorage.read_write"] : [],
+  )
+
+  # Keys of module.plan.vms, spelled out from the variables so that static
+  # analysers (checkov, tfparse) can expand the VM resources too.
+  vm_roles = toset(concat(var.cpu_vm ? ["cpu"] : [], var.gpu_vm ? ["gpu"] : []))
+
+  apis = var.enable_apis ? toset(concat(
+    ["compute.googleapis.com", "iap.googleapis.com", "oslogin.googleapis.com"],
+    var.billing_account_id != "" ? ["billingbudgets.googleapis.com"] : [],
+  )) : toset([])
+}
+
+module "plan" {
+  source = "./modules/vm_plan"
+
+  name             = var.name
+  cpu_vm           = var.cpu_vm
+  machine_type     = var.machine_type
+  gpu_vm           = var.gpu_vm
+  gpu_machine_type = var.gpu_machine_type
+  gpu_image        = var.gpu_image
+  image            = var.image
+  spot             = var.spot
+  max_run_hours    = var.max_run_hours
+  boot_disk_type   = var.boot_disk_type
+  labels           = var.labels
+  price_table_csv  = file(local.prices_file)
+
+  cpuft_pip_spec      = var.cpuft_pip_spec
+  torch_version       = var.torch_version
+  torch_cpu_index_url = var.torch_cpu_index_url
+  batch_mode          = var.batch_mode
+  batch_queue_yaml    = local.batch_queue_yaml
+  results_bucket      = var.results_bucket ? local.bucket_name : ""
+  ssh_source_ranges   = var.ssh_source_ranges
+}
+
+resource "google_project_service" "api" {
+  for_each = local.apis
+
+  project            = var.project_id
+  service            = each.value
+  disable_on_destroy = false # other things in the project may use them
+}
+
+# --- Network: private subnet, NAT for package downloads, SSH from IAP only ---
+
+resource "google_compute_network" "this" {
+  name                    = "${var.name}-net"
+  auto_create_subnetworks = false
+  routing_mode            = "REGIONAL"
+
+  depends_on = [google_project_service.api]
+}
+
+resource "google_compute_subnetwork" "this" {
+  # checkov:skip=CKV_GCP_26: VPC flow logs bill per GB and a single short-lived training VM has no traffic worth auditing; turn them on for shared projects.
+  name                     = "${var.name}-subnet"
+  region                   = local.region
+  network                  = google_compute_network.this.id
+  ip_cidr_range            = var.subnet_cidr
+  private_ip_google_access = true
+}
+
+# The VMs have no public IP (unless SSH goes to an explicit CIDR), so pip and
+# the Hugging Face hub are reached through Cloud NAT.
+resource "google_compute_router" "this" {
+  name    = "${var.name}-router"
+  region  = local.region
+  network = google_compute_network.this.id
+}
+
+resource "google_compute_router_nat" "this" {
+  name                               = "${var.name}-nat"
+  router                             = google_compute_router.this.name
+  region                             = local.region
+  nat_ip_allocate_option             = "AUTO_ONLY"
+  source_subnetwork_ip_ranges_to_nat = "LIST_OF_SUBNETWORKS"
+
+  subnetwork {
+    name                    = google_compute_subnetwork.this.id
+    source_ip_ranges_to_nat = ["ALL_IP_RANGES"]
+  }
+
+  log_config {
+    enable = true
+    filter = "ERRORS_ONLY"
+  }
+}
+
+resource "google_compute_firewall" "ssh" {
+  name          = "${var.name}-allow-ssh"
+  network       = google_compute_network.this.id
+  direction     = "INGRESS"
+  priority      = 1000
+  description   = "SSH to cpuft VMs from ${local.ssh_via == "iap" ? "Identity-Aware Proxy only" : "the CIDRs in ssh_source_ranges"}."
+  source_ranges = module.plan.ssh.source_ranges
+  target_tags   = [local.ssh_tag]
+
+  allow {
+    protocol = "tcp"
+    ports    = ["22"]
+  }
+
+  log_config {
+    metadata = "INCLUDE_ALL_METADATA"
+  }
+}
+
+# --- Identity: a service account that can write logs and, if asked, results -
+
+resource "google_service_account" "vm" {
+  account_id   = "${var.name}-vm"
+  display_name = "cpuft training VM (${var.name})"
+  description  = "Runs cpuft VMs: writes logs and metrics, and finished runs to the results bucket. Nothing else."
+
+  depends_on = [google_project_service.api]
+}
+
+resource "google_project_iam_member" "vm" {
+  for_each = toset(["roles/logging.logWriter", "roles/monitoring.metricWriter"])
+
+  project = var.project_id
+  role    = each.value
+  member  = google_service_account.vm.member
+}
+
+# OS Login needs the caller to be able to act as the VM's service account.
+resource "google_service_account_iam_member" "ssh_members" {
+  for_each = toset(var.ssh_members)
+
+  service_account_id = google_service_account.vm.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = each.value
+}
+
+# --- The VMs -----------------------------------------------------------------
+
+resource "google_compute_instance" "vm" {
+  # checkov:skip=CKV_GCP_38: Disks use Google-managed encryption at rest; customer-supplied keys would have to live on the operator's laptop and be passed at every start of a throwaway VM.
+  # checkov:skip=CKV_GCP_40: A public IP is added only when ssh_source_ranges lists explicit CIDRs (opt-in); the default is IAP with no public IP.
+  for_each = local.vm_roles
+
+  name         = module.plan.vms[each.key].name
+  zone         = var.zone
+  machine_type = module.plan.vms[each.key].machine_type
+  labels       = module.plan.vms[each.key].labels
+  tags         = [local.ssh_tag]
+  description  = "cpuft ${module.plan.vms[each.key].role} VM; deletes itself after ${var.max_run_hours} h."
+
+  # Must stay deletable: the reaper, teardown and max_run_duration all delete it.
+  deletion_protection       = false
+  allow_stopping_for_update = true
+
+  boot_disk {
+    auto_delete = true
+    initialize_params {
+      image  = module.plan.vms[each.key].image
+      size   = var.boot_disk_gb
+      type   = module.plan.vms[each.key].boot_disk_type
+      labels = module.plan.vms[each.key].labels
+    }
+  }
+
+  network_interface {
+    subnetwork = google_compute_subnetwork.this.id
+    nic_type   = "GVNIC" # C3 supports no other NIC
+
+    dynamic "access_config" {
+      for_each = local.public_ip ? [1] : []
+      content {
+        network_tier = "PREMIUM"
+      }
+    }
+  }
+
+  service_account {
+    email  = google_service_account.vm.email
+    scopes = local.vm_scopes
+  }
+
+  shielded_instance_config {
+    enable_secure_boot          = module.plan.vms[each.key].gpu ? var.gpu_secure_boot : true
+    enable_vtpm                 = true
+    enable_integrity_monitoring = true
+  }
+
+  metadata = {
+    "enable-oslogin"         = "TRUE"
+    "block-project-ssh-keys" = "TRUE"
+    "serial-port-enable"     = "FALSE"
+    "startup-script"         = module.plan.vms[each.key].startup_script
+    "shutdown-script"        = module.plan.vms[each.key].shutdown_script
+    # Read by the startup script when batch_mode is not "off".
+    "cpuft-batch-queue" = local.batch_queue_yaml
+  }
+
+  scheduling {
+    provisioning_model          = module.plan.vms[each.key].provisioning_model
+    preemptible                 = module.plan.vms[each.key].preemptible
+    automatic_restart           = module.plan.vms[each.key].automatic_restart
+    on_host_maintenance         = module.plan.vms[each.key].on_host_maintenance
+    instance_termination_action = module.plan.vms[each.key].instance_termination_action
+
+    max_run_duration {
+      seconds = module.plan.vms[each.key].max_run_duration_seconds
+    }
+  }
+
+  depends_on = [google_project_iam_member.vm, google_compute_router_nat.this]
+}
+
+resource "google_compute_instance_iam_member" "ssh_members" {
+  for_each = {
+    for pair in setproduct(tolist(local.vm_roles), var.ssh_members) : "${pair[0]} ${pair[1]}" => { vm = pair[0], member = pair[1] }
+  }
+
+  zone          = var.zone
+  instance_name = google_compute_instance.vm[each.value.vm].name
+  role          = "roles/compute.osLogin"
+  member        = each.value.member
+}
+
+# Granted in "cidr" mode too: it is useless there (the firewall admits only the
+# listed CIDRs, not IAP's range) and keeps one code path.
+resource "google_iap_tunnel_instance_iam_member" "ssh_members" {
+  for_each = {
+    for pair in setproduct(tolist(local.vm_roles), var.ssh_members) : "${pair[0]} ${pair[1]}" => { vm = pair[0], member = pair[1] }
+  }
+
+  zone     = var.zone
+  instance = google_compute_instance.vm[each.value.vm].name
+  role     = "roles/iap.tunnelResourceAccessor"
+  member   = each.value.member
+}
