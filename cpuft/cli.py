@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -16,7 +17,7 @@ from cpuft import __version__
 from cpuft.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, UserError
 
 # Subcommand modules under cpuft.commands, in --help order.
-COMMAND_MODULES = ["sft", "env", "tiny_model"]
+COMMAND_MODULES = ["sft", "env", "tiny_model", "bench", "plan", "merge", "infer", "batch"]
 
 DESCRIPTION = """\
 CPU-first LoRA/QLoRA fine-tuning. `cpuft sft --device auto` probes the machine, plans
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     # transformers 5 renamed gradient -> activation checkpointing; TRL/PEFT still call the old
     # names internally. Nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    # With torchao installed (the `int8` extra) transformers and PEFT import it, and its import logs
+    # every CUDA-only kernel it cannot load on a CPU build, plus a torch pytree deprecation.
+    for noisy_logger in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy_logger).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

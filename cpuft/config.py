@@ -42,9 +42,9 @@ class SFTJobConfig:
         "row format; auto detects it from the first row's keys", default="auto"
     )
     dataset_split: str = _help("split to read from a Hub dataset", default="train")
-    max_samples: int | None = _help("use only the first N rows (quick experiments)", default=None)
+    max_samples: int | None = _help("use only the first N rows, for quick experiments (default: all)", default=None)
     eval_fraction: float = _help("fraction of rows held out for evaluation (0 disables)", default=0.05)
-    output_dir: str | None = _help("run directory; default runs/sft-<timestamp>", default=None)
+    output_dir: str | None = _help("run directory (default: runs/sft-<timestamp>)", default=None)
 
     # How long and how fast to learn
     max_steps: int = _help("optimizer steps; -1 means train for num_train_epochs", default=-1)
@@ -67,17 +67,45 @@ class SFTJobConfig:
     lora_target_modules: str = _help(
         "'all-linear' or a comma-separated list of module names (e.g. q_proj,v_proj)", default="all-linear"
     )
+    # The issue calls this `peft.method`; cpuft's config is flat, so the key is `peft_method`.
+    peft_method: Literal[
+        "lora", "loha", "lokr", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning"
+    ] = _help(
+        "adapter type: lora; loha/lokr/adalora use lora_r, lora_alpha, lora_dropout and"
+        " lora_target_modules too; ia3 uses lora_target_modules; prompt_tuning, prefix_tuning and"
+        " p_tuning learn num_virtual_tokens virtual tokens",
+        default="lora",
+    )
+    num_virtual_tokens: int = _help("virtual tokens for prompt_tuning, prefix_tuning, p_tuning", default=20)
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = _help(
+        "optimizer; auto is paged_adamw_8bit for QLoRA on CUDA, adamw_torch otherwise", default="auto"
+    )
+    machine_type: str | None = _help(
+        "GCP machine type to plan time and cost for (e.g. c3-standard-44; `cpuft plan --list-machine-types`)",
+        default=None,
+    )
 
     # Hardware plan: 'auto' / unset lets the planner choose (see `cpuft env`)
     device: Literal["auto", "cpu", "cuda"] = _help("where to train", default="auto")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _help("compute dtype", default="auto")
     quant: Literal["auto", "none", "nf4", "int8"] = _help("base-weight quantisation (QLoRA)", default="auto")
-    threads: int | None = _help("CPU compute threads (default: physical cores)", default=None)
-    per_device_batch_size: int | None = _help("micro-batch size", default=None)
-    gradient_accumulation_steps: int | None = _help("micro-batches per optimizer step", default=None)
-    gradient_checkpointing: bool | None = _help("recompute activations to save memory", default=None)
-    packing: bool = _help("pack several samples per sequence", default=False)
-    attn_implementation: str | None = _help("attention kernel (default sdpa)", default=None)
+    threads: int | None = _help("CPU compute threads (default: one per physical core)", default=None)
+    per_device_batch_size: int | None = _help("micro-batch size (default: the plan's)", default=None)
+    gradient_accumulation_steps: int | None = _help("micro-batches per optimizer step (default: the plan's)", default=None)
+    gradient_checkpointing: bool | None = _help(
+        "recompute activations to save memory (default: only when memory requires it)", default=None
+    )
+    packing: bool = _help(
+        "pack whole samples into rows of max_length (no padding; samples stay apart: position_ids"
+        " restart per sample). Changes how many samples an optimizer step sees",
+        default=False,
+    )
+    torch_compile: bool | None = _help(
+        "torch.compile the model (default: only runs of 5000+ steps repay inductor's warm-up and"
+        " its recompiles for each new sequence length)",
+        default=None,
+    )
+    attn_implementation: str | None = _help("attention kernel (default: sdpa)", default=None)
 
     # Bookkeeping
     save_steps: int = _help("checkpoint every N optimizer steps (resume and preemption use them)", default=50)
@@ -95,6 +123,8 @@ class SFTJobConfig:
             gradient_checkpointing=self.gradient_checkpointing,
             packing=self.packing,
             attn_implementation=self.attn_implementation,
+            max_steps=self.max_steps,
+            torch_compile=self.torch_compile,
             model_params=model_params,
         )
 
@@ -210,7 +240,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in CONFIG_FIELDS.items():
         hint, _ = _unwrap_optional(_TYPE_HINTS[name])
         default = f.default
-        help_text = f"{f.metadata['help']} (default: {default})"
+        # argparse %-formats help strings; the chat-template text contains a literal '%'.
+        shown_default = "" if default is None else f" (default: {default})"
+        help_text = f"{f.metadata['help']}{shown_default}".replace("%", "%%")
         flag = "--" + name.replace("_", "-")
         if typing.get_origin(hint) is Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), default=argparse.SUPPRESS, help=help_text)
@@ -243,8 +275,16 @@ def _check_ranges(config: SFTJobConfig) -> None:
         raise UserError(f"max_length must be at least 8 tokens, got {config.max_length}.")
     if config.max_steps == 0 or config.max_steps < -1:
         raise UserError(f"max_steps must be -1 (use epochs) or positive, got {config.max_steps}.")
-    for name in ("lora_r", "lora_alpha", "save_steps", "logging_steps", "save_total_limit"):
+    for name in ("lora_r", "lora_alpha", "save_steps", "logging_steps", "save_total_limit", "num_virtual_tokens"):
         if getattr(config, name) < 1:
             raise UserError(f"{name} must be at least 1, got {getattr(config, name)}.")
     if config.max_samples is not None and config.max_samples < 1:
         raise UserError(f"max_samples must be at least 1, got {config.max_samples}.")
+    if config.machine_type is not None:
+        from cpuft.cloud import MACHINE_TYPES
+
+        if config.machine_type not in MACHINE_TYPES:
+            raise UserError(
+                f"machine_type '{config.machine_type}' is not a known GCP machine type; known:"
+                f" {', '.join(MACHINE_TYPES)}."
+            )

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cpuft.errors import PlanError
+from cpuft.packing import PACKING_SAFE_ATTENTION
 from cpuft.probe import Machine
 
 DeviceRequest = Literal["auto", "cpu", "cuda"]
@@ -55,6 +56,13 @@ GPU_PEAK_TFLOPS = {
     "V100": 125.0,
 }
 DEFAULT_CPU_MHZ = 2000.0
+# torch.compile (inductor) on CPU: ~45 s of warm-up with fixed shapes (FACTS.md); with SFT's
+# varying sequence lengths it recompiles per new shape: 20 tiny-model steps took 490 s compiled
+# vs 41 s eager (shared machine), steady steps then ~12 % faster. It repays only very long runs,
+# and step time is unknown before the run, so the rule counts steps.
+COMPILE_WARMUP_SECONDS = 45.0
+COMPILE_STEADY_GAIN = 0.11
+COMPILE_MIN_STEPS_CPU = 5000
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ class PlanRequest:
     gradient_checkpointing: bool | None = None
     packing: bool = False
     attn_implementation: str | None = None
+    max_steps: int | None = None  # sizes the torch.compile decision; None or -1: unknown
+    torch_compile: bool | None = None
     model_params: int | None = None  # from the model's config, when known; sizes the NF4 decision
 
 
@@ -89,6 +99,7 @@ class Plan:
     peak_flops: float | None
     reasons: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    torch_compile: bool = False
 
     @property
     def effective_batch_size(self) -> int:
@@ -116,6 +127,7 @@ class Plan:
             "gradient_checkpointing": "on" if self.gradient_checkpointing else "off",
             "packing": "on" if self.packing else "off",
             "length_grouping": "on" if self.length_grouping else "off",
+            "torch_compile": "on" if self.torch_compile else "off",
             "peak_flops": peak,
         }
         return [(name, value, self.reasons.get(name, "")) for name, value in values.items()]
@@ -133,7 +145,7 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
         quantization = _choose_cuda_quant(gpu, request, reasons)
     else:
         compute_dtype = _choose_cpu_dtype(machine, request.dtype, reasons, warnings)
-        quantization = _choose_cpu_quant(request.quant, reasons, warnings)
+        quantization = _choose_cpu_quant(request.quant, reasons, warnings, machine, request, compute_dtype)
     weights_dtype = compute_dtype
     reasons["weights_dtype"] = (
         "the base model is frozen under LoRA, so it needs no fp32 master copy: half the memory"
@@ -185,13 +197,37 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
         )
 
     if request.packing:
-        raise PlanError(
-            "packing is not supported yet: TRL's padding-free packing lets attention cross sample"
-            " boundaries unless FlashAttention is used, and CPUs have none. Leave packing off;"
-            " length grouping already removes most padding."
+        if attn not in PACKING_SAFE_ATTENTION:
+            raise PlanError(
+                f"packing with attn_implementation {attn!r} could let attention cross sample"
+                f" boundaries; use one of {', '.join(PACKING_SAFE_ATTENTION)} or turn packing off."
+            )
+        reasons["packing"] = (
+            "requested: whole samples fill rows of max_length; position_ids restart per sample and"
+            f" {attn}'s mask keeps samples apart (per-sample loss packed = unpacked, tests/test_packing.py)"
         )
-    reasons["packing"] = "off: TRL's packing needs FlashAttention to keep samples apart"
-    reasons["length_grouping"] = "batches of similar length waste fewer FLOPs on padding"
+        if request.per_device_batch_size is None:
+            # TRL flattens a packed micro-batch into one sequence; attention work grows with its square.
+            batch = 1
+            reasons["batch"] = "packing: one packed row of max_length tokens per micro-batch, accumulated"
+        elif batch > 1:
+            warnings.append(
+                f"packing with per_device_batch_size {batch}: TRL joins the {batch} packed rows into one"
+                f" sequence of {batch} x max_length tokens and attention costs grow with its square;"
+                " per_device_batch_size 1 with more accumulation is faster."
+            )
+        length_grouping = False
+        reasons["length_grouping"] = "off: packed rows hold no padding"
+    else:
+        length_grouping = True
+        reasons["packing"] = (
+            "off (packing: true turns it on): length grouping keeps padding low and each optimizer"
+            " step a fixed number of samples"
+        )
+        reasons["length_grouping"] = (
+            "rows ordered so each micro-batch holds similar lengths: little compute spent on padding"
+        )
+    torch_compile = _choose_compile(request, device, reasons)
 
     peak = _peak_flops(machine, device, compute_dtype, threads, reasons)
     return Plan(
@@ -204,12 +240,31 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
         per_device_batch_size=batch,
         gradient_accumulation_steps=accumulation,
         gradient_checkpointing=checkpointing,
-        packing=False,
-        length_grouping=True,
+        packing=request.packing,
+        length_grouping=length_grouping,
         peak_flops=peak,
         reasons=reasons,
         warnings=tuple(warnings),
+        torch_compile=torch_compile,
     )
+
+
+def _choose_compile(request: PlanRequest, device: str, reasons: dict) -> bool:
+    if request.torch_compile is not None:
+        reasons["torch_compile"] = "requested"
+        return request.torch_compile
+    if device == "cpu" and request.max_steps and request.max_steps >= COMPILE_MIN_STEPS_CPU:
+        reasons["torch_compile"] = (
+            f"auto: {request.max_steps} steps is long enough to repay inductor's warm-up"
+            f" (~{COMPILE_WARMUP_SECONDS:.0f} s plus a recompile per new sequence length, then"
+            f" ~{COMPILE_STEADY_GAIN:.0%} faster steps)"
+        )
+        return True
+    reasons["torch_compile"] = (
+        f"off: inductor's warm-up (~{COMPILE_WARMUP_SECONDS:.0f} s, more as sequence lengths vary) is repaid only by runs of"
+        f" {COMPILE_MIN_STEPS_CPU}+ steps; ask with torch_compile: true"
+    )
+    return False
 
 
 def _choose_device(machine: Machine, requested: str, reasons: dict) -> str:
@@ -304,7 +359,20 @@ def _choose_cuda_quant(gpu, request: PlanRequest, reasons: dict) -> str:
     return "none"
 
 
-def _choose_cpu_quant(requested: str, reasons: dict, warnings: list) -> str:
+def _choose_cpu_quant(
+    requested: str, reasons: dict, warnings: list, machine: Machine, request: PlanRequest, compute_dtype: str
+) -> str:
+    if requested == "auto" and request.model_params and machine.ram_bytes:
+        # Same budget as on a GPU: the rest of RAM is for activations, adapter state and the runtime.
+        weights_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[compute_dtype] * request.model_params
+        budget = GPU_WEIGHTS_BUDGET * machine.ram_bytes
+        if weights_bytes > budget:
+            reasons["quantization"] = (
+                f"auto: {compute_dtype} weights ({weights_bytes / 2**30:.1f} GiB) exceed"
+                f" {GPU_WEIGHTS_BUDGET:.0%} of {machine.ram_bytes / 2**30:.0f} GiB RAM; NF4 QLoRA"
+                " stores them in ~0.5 bytes/parameter (slower: every matmul dequantises)"
+            )
+            return "nf4"
     if requested in ("auto", "none"):
         reasons["quantization"] = "none: LoRA on unquantised weights is the fastest CPU path"
         return "none"

@@ -39,7 +39,9 @@ class TinyModelSpec:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2  # grouped-query attention, as in Llama 3
-    intermediate_size: int = 688
+    # A multiple of 32: bitsandbytes' CPU NF4 inference kernel (AVX-512-BF16 CPUs) needs
+    # out_features % 32 == 0, as every released model has.
+    intermediate_size: int = 704
     max_position_embeddings: int = 2048
     seed: int = 0
 

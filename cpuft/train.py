@@ -13,8 +13,8 @@ Run directory:
     summary.json        status, steps, losses, wall time, tokens/s, peak RSS, FLOP/s, MFU
     checkpoint-N/       trainer checkpoints (every save_steps, and on SIGTERM/SIGINT)
 
-Limits: single process (multi-process via `accelerate launch -m cpuft.cli sft ...`); packing is
-refused until a sample-boundary-safe path exists (see plan.py).
+Limits: single process (multi-process via `accelerate launch -m cpuft.cli sft ...`); rows are
+length-grouped by cpuft.packing (or, with packing, packed by TRL with samples kept apart).
 
 Raises UserError (exit 2) for bad input; a run stopped by a signal returns status "interrupted".
 """
@@ -22,6 +22,7 @@ Raises UserError (exit 2) for bad input; a run stopped by a signal returns statu
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -84,6 +85,10 @@ def estimate_param_count(model_config) -> int | None:
     return layers * (attention + mlp) + embeddings
 
 
+# Rows tokenized to estimate tokens per epoch before training (the rest is extrapolated).
+TIME_ESTIMATE_SAMPLE_ROWS = 2000
+
+
 class SFTRecipe:
     """One fine-tuning job: `setup()` validates and loads, `train()` runs, `finalize()` writes."""
 
@@ -96,6 +101,8 @@ class SFTRecipe:
         self.run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()
         self.plan: Plan | None = None
         self.data: PreparedData | None = None
+        self.memory_plan = None
+        self.time_estimate = None
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------ setup
@@ -107,8 +114,12 @@ class SFTRecipe:
             # adapter_config.json records this path; absolute keeps the adapter loadable from any cwd.
             self.config.model = str(Path(self.config.model).expanduser().resolve())
         model_config = read_model_config(self.config.model)
-        self.model_params_estimate = estimate_param_count(model_config)
+        self.model_shape = _model_shape_or_none(model_config)
+        self.model_params_estimate = (
+            self.model_shape.total_params if self.model_shape else estimate_param_count(model_config)
+        )
         self.plan = plan_for(self.machine, self.config.plan_request(self.model_params_estimate))
+        self.memory_plan = self._check_memory()
         self._apply_threads()
         self.data = prepare_dataset(
             self.config.dataset,
@@ -119,7 +130,50 @@ class SFTRecipe:
             seed=self.config.seed,
         )
         self.tokenizer = self._load_tokenizer()
+        self.time_estimate = self._estimate_time()
         self.model = self._load_model(model_config)
+
+    def _check_memory(self):
+        """Size the run from the config alone and stop before loading weights if it cannot fit."""
+        from cpuft.memory import plan_memory, settings_for_plan, usable_capacity
+
+        if self.model_shape is None:
+            return None
+        self.run_settings = settings_for_plan(self.plan, **run_settings_overrides(self.config))
+        memory = plan_memory(self.model_shape, self.run_settings, *usable_capacity(self.machine, self.plan.device))
+        self.log(memory.format())
+        if memory.fits is False:
+            options = "\n".join(f"  - {s}" for s in memory.suggestions)
+            raise UserError(
+                f"this run needs about {memory.total_bytes / 2**30:.1f} GiB but {memory.capacity_label}"
+                f" is {memory.capacity_bytes / 2**30:.1f} GiB; nothing was loaded. Options that would"
+                f" fit (`cpuft plan` with the same flags shows the whole estimate):\n{options}"
+            )
+        return memory
+
+    def _estimate_time(self):
+        """Print the expected training time (and cost on --machine-type) before loading weights."""
+        from cpuft.cloud import MACHINE_TYPES, count_training_tokens, time_for_run
+
+        if self.memory_plan is None:
+            return None
+        train = self.data.train
+        # Tokenizing every row of a large dataset would delay the start; a sample sizes it well.
+        sample = train.select(range(min(len(train), TIME_ESTIMATE_SAMPLE_ROWS)))
+        tokens_per_row = count_training_tokens(sample, self.tokenizer, self.config.max_length) / max(1, len(sample))
+        rows_per_epoch = len(train)
+        if self.config.max_steps > 0:
+            epochs = self.config.max_steps * self.plan.effective_batch_size / max(1, rows_per_epoch)
+        else:
+            epochs = self.config.num_train_epochs
+        machine_type = MACHINE_TYPES[self.config.machine_type] if self.config.machine_type else None
+        estimate = time_for_run(
+            self.model_shape, self.run_settings, self.memory_plan.trainable_params,
+            round(tokens_per_row * rows_per_epoch), epochs, tokens_per_row, machine_type,
+            self.plan.threads, datasheet_flops=self.plan.peak_flops,
+        )
+        self.log(estimate.format())
+        return estimate
 
     def _check_run_dir(self) -> None:
         run_dir = self.run_dir
@@ -184,21 +238,26 @@ class SFTRecipe:
     # ------------------------------------------------------------------ train
 
     def build_trainer(self):
-        from peft import LoraConfig
         from transformers import PrinterCallback, ProgressCallback
         from trl import SFTConfig, SFTTrainer
 
         from cpuft.callbacks import CheckpointOnSignal, MetricsCallback
+        from cpuft.memory import default_optimizer
+        from cpuft.packing import order_by_length
+        from cpuft.peft_methods import build_peft_config, method_callbacks
 
         config, plan = self.config, self.plan
-        targets = config.lora_target_modules
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-            task_type="CAUSAL_LM",
-        )
+        adapter_config = build_peft_config(config, total_steps=self._total_steps())
+        if plan.quantization != "none":
+            # TRL 1.16's SFTTrainer does not call this for quantised models (it only casts the
+            # adapter to bf16): freeze the base, upcast norms/embeddings to fp32 for stable
+            # training, and make checkpointing work through the frozen 4/8-bit layers.
+            from peft import prepare_model_for_kbit_training
+
+            self.model = prepare_model_for_kbit_training(
+                self.model, use_gradient_checkpointing=plan.gradient_checkpointing
+            )
+        optimizer = default_optimizer(plan.device, plan.quantization) if config.optimizer == "auto" else config.optimizer
         # TensorBoard's writer reads its directory from the environment in transformers 5.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.run_dir / "tensorboard")
         args = SFTConfig(
@@ -224,29 +283,50 @@ class SFTRecipe:
             bf16=plan.compute_dtype == "bf16",
             fp16=plan.compute_dtype == "fp16",
             activation_checkpointing=plan.gradient_checkpointing,
-            packing=plan.packing,
-            train_sampling_strategy="group_by_length" if plan.length_grouping else "random",
+            packing=plan.packing,  # TRL's "bfd": whole samples per row, padding-free batches
+            torch_compile=plan.torch_compile,
+            # Length grouping is cpuft's own order (cpuft.packing): transformers' sampler groups
+            # too few batches on short runs to remove the padding.
+            train_sampling_strategy="sequential" if plan.length_grouping else "random",
             max_length=config.max_length,
             assistant_only_loss=config.assistant_only_loss,
             eval_strategy="no",
             dataloader_pin_memory=plan.device == "cuda",
             disable_tqdm=True,  # MetricsCallback draws the bar, with tokens/s
-            optim="paged_adamw_8bit" if plan.quantization == "nf4" and plan.device == "cuda" else "adamw_torch",
+            optim=optimizer,
         )
         self.metrics = MetricsCallback(self.run_dir / "metrics.jsonl", show_progress=self.show_progress)
         self.signals = CheckpointOnSignal()
         trainer = SFTTrainer(
             model=self.model,
             args=args,
-            train_dataset=self.data.train,
+            train_dataset=(
+                order_by_length(self.data.train, plan.per_device_batch_size, config.seed)
+                if plan.length_grouping else self.data.train
+            ),
             eval_dataset=self.data.eval,
             processing_class=self.tokenizer,
-            peft_config=lora,
-            callbacks=[self.metrics, self.signals],
+            peft_config=adapter_config,
+            callbacks=[self.metrics, self.signals, *method_callbacks(config)],
         )
+        if plan.quantization != "none" and plan.device == "cpu":
+            # TRL casts a quantised model's adapter to bf16. On a CPU keep the adapter, its
+            # gradients and AdamW state in fp32: with fp32 compute (AVX2, where bf16 is emulated)
+            # bf16 would only be slower; with bf16 compute autocast still runs its matmuls in bf16,
+            # and the fp32 master copy (a few MB) keeps small updates from rounding away.
+            for param in trainer.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         return trainer
+
+    def _total_steps(self) -> int:
+        """Optimizer steps the run will take (AdaLoRA lays its rank schedule over them)."""
+        if self.config.max_steps > 0:
+            return self.config.max_steps
+        per_epoch = math.ceil(len(self.data.train) / self.plan.effective_batch_size)
+        return max(1, math.ceil(per_epoch * self.config.num_train_epochs))
 
     def train(self) -> RunResult:
         from transformers.trainer_utils import get_last_checkpoint
@@ -340,11 +420,39 @@ class SFTRecipe:
             "mfu": achieved / self.plan.peak_flops if self.plan.peak_flops else None,
             "adapter_dir": None if interrupted else str(self.run_dir / "adapter"),
         }
+        if self.memory_plan is not None:
+            # Predicted next to measured, so users can see how far to trust `cpuft plan`.
+            summary["planned_memory_bytes"] = self.memory_plan.total_bytes
+        if self.time_estimate is not None:
+            summary["planned_train_seconds"] = round(self.time_estimate.total_seconds, 1)
         if self.plan.device == "cuda":
             import torch
 
             summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
         return summary
+
+
+def _model_shape_or_none(model_config):
+    """The memory estimator's view of the model; None for architectures it cannot build."""
+    from cpuft.memory import model_shape
+
+    try:
+        return model_shape(model_config)
+    except Exception:  # an architecture transformers cannot instantiate from its config alone
+        return None
+
+
+def run_settings_overrides(config: SFTJobConfig) -> dict:
+    """The job-config fields the memory estimate reads beyond the Plan."""
+    return {
+        "peft_method": config.peft_method,
+        "seq_len": config.max_length,
+        "lora_r": config.lora_r,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": config.lora_target_modules,
+        "num_virtual_tokens": config.num_virtual_tokens,
+        "optimizer": None if config.optimizer == "auto" else config.optimizer,
+    }
 
 
 def quantization_config_for(plan: Plan):

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Small enough that a few optimizer steps take seconds on 2 cores; big enough to learn a little.
-TEST_MODEL_SPEC = dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=172)
+TEST_MODEL_SPEC = dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192)  # multiple of 32: see TinyModelSpec
 
 
 @pytest.fixture(scope="session")
@@ -28,12 +28,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", spec=TinyModelSpec(**TEST_MODEL_SPEC))
 
 
-def run_cpuft(*args: str, timeout: float = 600, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+def run_cpuft(*args: str, timeout: float = 600, cwd: str | Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process (as a user would); returns the completed process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
         [sys.executable, "-m", "cpuft", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
+        input=stdin,
     )
 
 
