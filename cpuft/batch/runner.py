@@ -1,0 +1,352 @@
+"""Run a validated queue: each job is a `cpuft sft` child process; its exit status sets its state.
+
+    exit 0   -> done       (summary figures copied from the run's summary.json)
+    exit 75  -> preempted  (the child checkpointed on SIGTERM/SIGINT; the next start resumes it)
+    exit 2   -> failed, not retried (bad input: retrying cannot help; fix the queue file, which
+                requeues the job)
+    other    -> failed, retried on this and later starts until the job has max_failures failures
+
+Preemption: on SIGTERM/SIGINT the runner forwards SIGTERM to the child, waits for it to save its
+checkpoint and exit, records 'preempted' and stops (exit 75) without starting another job. Under
+systemd use KillMode=mixed (timer.py does) so only the runner is signalled and it forwards once.
+
+Recovery (the previous scheduler died, e.g. kill -9 or a VM reset): holding the queue lock proves
+no scheduler is alive, so every 'running' row is stale. If the dead scheduler's child still runs
+(an orphan on this host), it is sent SIGTERM and awaited, so it checkpoints and nothing trains
+twice at once. The job then resumes from its last complete checkpoint; a checkpoint cut short by a
+hard kill (no trainer_state.json, which the Trainer writes last) is set aside first. A run that had
+in fact completed (summary.json says so and adapter/ exists) is recorded as done, not rerun. A run
+directory with files but no checkpoint is moved aside to `<run_dir>.abandoned-<time>` and the job
+starts from scratch (`cpuft sft` refuses a non-empty output directory without --resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cpuft.artifacts import atomic_write_text
+from cpuft.batch.queue import BatchJob, BatchQueue
+from cpuft.batch.state import JobRecord, StateStore
+from cpuft.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+ORPHAN_STOP_SECONDS = 120  # how long an orphaned trainer gets to checkpoint after SIGTERM
+
+
+@dataclass(frozen=True)
+class BatchPaths:
+    """Where a queue keeps its state: `<state dir>/state.sqlite, lock, jobs/<name>.yaml, logs/<name>.log`."""
+
+    state_dir: Path
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "state.sqlite"
+
+    @property
+    def lock(self) -> Path:
+        return self.state_dir / "lock"
+
+    def job_config(self, name: str) -> Path:
+        return self.state_dir / "jobs" / f"{name}.yaml"
+
+    def job_log(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    records: list[JobRecord]
+    stopped_by_signal: bool
+    max_failures: int
+
+    @property
+    def drained(self) -> bool:
+        """Nothing left to do: no job is queued, preempted or failed-but-retryable."""
+        return not self.stopped_by_signal and not any(r.runnable(self.max_failures) for r in self.records)
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped_by_signal:
+            return EXIT_INTERRUPTED
+        return EXIT_RUN_FAILED if any(r.state == "failed" for r in self.records) else EXIT_OK
+
+
+class BatchRunner:
+    """Runs a queue once through: call `run()` while holding the queue's lock."""
+
+    def __init__(self, queue: BatchQueue, paths: BatchPaths, log=print, python: str = sys.executable):
+        self.queue = queue
+        self.paths = paths
+        self.log = log
+        self.python = python
+        self.host = socket.gethostname()
+        self.store = StateStore(paths.database)
+        self.child: subprocess.Popen | None = None
+        self.stop_signal: int | None = None
+        self._previous_handlers: dict[int, object] = {}
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> BatchOutcome:
+        for name in self.store.sync([(j.name, str(j.run_dir), j.config_sha) for j in self.queue.jobs]):
+            self.log(f"job {name}: its config changed since it failed; queued again with a fresh failure count")
+        self._install_signal_handlers()
+        try:
+            self._recover_stale_jobs()
+            while self.stop_signal is None:
+                job = self._next_job()
+                if job is None:
+                    break
+                self._run_job(job)
+        finally:
+            self._restore_signal_handlers()
+        records = self._queue_records()
+        return BatchOutcome(records, self.stop_signal is not None, self.queue.max_failures)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _queue_records(self) -> list[JobRecord]:
+        names = {j.name for j in self.queue.jobs}
+        return [r for r in self.store.all() if r.name in names]
+
+    def _next_job(self) -> BatchJob | None:
+        """Queue order, but jobs that failed before go after those that have not."""
+        runnable = [r for r in self._queue_records() if r.runnable(self.queue.max_failures)]
+        if not runnable:
+            return None
+        best = min(runnable, key=lambda r: (r.failures, r.position))
+        return self.queue.job(best.name)
+
+    # ------------------------------------------------------------------ one job
+
+    def _run_job(self, job: BatchJob) -> None:
+        if self.stop_signal is not None:
+            return
+        resume_from, finished_summary = self._prepare_run_dir(job)
+        if finished_summary is not None:
+            self.store.mark_done_on_disk(job.name, finished_summary)
+            self.log(f"job {job.name}: already finished in {job.run_dir}; recorded as done, not rerun")
+            return
+        previous = self.store.get(job.name)
+        if previous.config_sha and previous.config_sha != job.config_sha and resume_from:
+            self.log(f"job {job.name}: its config changed since the last attempt; resuming with the new values")
+        record = self.store.start(job.name, os.getpid(), self.host, job.config_sha, resume_from)
+
+        config_path = self.paths.job_config(job.name)
+        atomic_write_text(config_path, yaml.safe_dump(job.config.to_dict(), sort_keys=False))
+        command = [
+            self.python, "-m", "cpuft", "sft", "--config", str(config_path),
+            "--output-dir", str(job.run_dir), "--no-progress",
+        ] + (["--resume"] if resume_from else [])
+        log_path = self.paths.job_log(job.name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        how = f"resuming from {Path(resume_from).name}" if resume_from else "from scratch"
+        self.log(f"job {job.name}: attempt {record.attempts}, {how} -> {job.run_dir} (log: {log_path})")
+
+        started = time.monotonic()
+        with open(log_path, "a") as log_file:
+            log_file.write(f"\n=== cpuft batch: attempt {record.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')}:"
+                           f" {shlex.join(command)}\n")
+            log_file.flush()
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            # Same process group as the runner: a kill of the group (or of the VM) takes both.
+            self.child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            try:
+                self.store.set_child(job.name, self.child.pid)
+                if self.stop_signal is not None:  # the signal came while the child was being started
+                    self._forward_stop()
+                code = self.child.wait()
+            finally:
+                self.child = None
+        self._record_exit(job, code, log_path, time.monotonic() - started)
+
+    def _record_exit(self, job: BatchJob, code: int, log_path: Path, seconds: float) -> None:
+        summary = _read_summary(job.run_dir)
+        if code == EXIT_OK:
+            self.store.finish(job.name, "done", code, summary=summary)
+            loss = ""
+            if summary.get("first_loss") is not None and summary.get("final_loss") is not None:
+                loss = f", loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+            self.log(f"job {job.name}: done in {seconds:.0f} s, {summary.get('steps', '?')} steps{loss}")
+        elif code == EXIT_INTERRUPTED or (self.stop_signal is not None and code != EXIT_BAD_INPUT):
+            # A child stopped before its signal handler was installed dies of the signal itself;
+            # we asked it to stop, so that is a preemption too (it resumes from its last checkpoint).
+            self.store.finish(job.name, "preempted", code, summary=summary or None,
+                              error="stopped by a signal; resumes from its last checkpoint")
+            self.log(f"job {job.name}: preempted at step {summary.get('steps', '?')}; the next start resumes it")
+            if self.stop_signal is None:
+                # Someone signalled the trainer directly: the machine is likely going down. Stop too.
+                self.stop_signal = signal.SIGTERM
+        else:
+            retryable = code != EXIT_BAD_INPUT
+            error = _last_error(log_path) or f"exit status {code}"
+            record = self.store.finish(job.name, "failed", code, error=error, retryable=retryable)
+            if not retryable:
+                plan = "bad input, not retried: fix the queue file (that requeues it)"
+            elif record.failures < self.queue.max_failures:
+                plan = f"failure {record.failures} of {self.queue.max_failures}; will retry"
+            else:
+                plan = f"failure {record.failures} of {self.queue.max_failures}; giving up"
+            self.log(f"job {job.name}: FAILED (exit {code}): {error} [{plan}; log: {log_path}]")
+
+    def _prepare_run_dir(self, job: BatchJob) -> tuple[str | None, dict | None]:
+        """(checkpoint to resume from or None, summary if the run already completed)."""
+        run_dir = job.run_dir
+        if not run_dir.is_dir() or not any(run_dir.iterdir()):
+            return None, None
+        summary = _read_summary(run_dir)
+        if summary.get("status") == "completed" and (run_dir / "adapter").is_dir():
+            return None, summary
+        checkpoint = last_complete_checkpoint(run_dir, log=self.log)
+        if checkpoint is not None and (run_dir / "config.yaml").is_file():
+            return str(checkpoint), None
+        aside = run_dir.with_name(f"{run_dir.name}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, aside)
+        self.log(f"job {job.name}: {run_dir} has no checkpoint to resume from; moved it to {aside}, starting afresh")
+        return None, None
+
+    # ------------------------------------------------------------------ stale jobs
+
+    def _recover_stale_jobs(self) -> None:
+        for record in self._queue_records():
+            if record.state != "running":
+                continue
+            who = f"pid {record.runner_pid} on {record.host}"
+            if record.host == self.host and record.child_pid and _is_trainer(record.child_pid, record.run_dir):
+                self.log(f"job {record.name}: its scheduler ({who}) is gone but its trainer (pid"
+                         f" {record.child_pid}) still runs; asking it to checkpoint and stop")
+                _stop_orphan(record.child_pid)
+            self.store.recover_stale(record.name, f"its scheduler ({who}) died while it ran")
+            self.log(f"job {record.name}: was left running by a scheduler that died ({who}); will resume it")
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_stop_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        first = self.stop_signal is None
+        self.stop_signal = signum
+        if first:
+            print(f"cpuft batch: received {signal.Signals(signum).name}; the running job checkpoints and"
+                  " stops, no further job starts.", file=sys.stderr, flush=True)
+        self._forward_stop()
+
+    def _forward_stop(self) -> None:
+        # Always SIGTERM: a second SIGINT would make the trainer abort without its checkpoint.
+        child = self.child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def last_complete_checkpoint(run_dir: Path, log=print) -> Path | None:
+    """The newest checkpoint-N whose trainer_state.json (written last by the Trainer) parses.
+
+    Newer, incomplete ones are renamed `incomplete-checkpoint-N-<time>` so that `cpuft sft
+    --resume` (which takes the highest N) does not pick them.
+    """
+    found = sorted(
+        (int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))
+    )
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return path
+        except (OSError, ValueError):
+            aside = path.with_name(f"incomplete-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            log(f"{path} was cut short (no complete trainer_state.json); set aside as {aside.name}")
+    return None
+
+
+def run_shutdown(command: str, log=print) -> int:
+    """Run the drained-queue command (`shutdown -h now` by default); returns its exit status."""
+    log(f"queue drained; running: {command}")
+    try:
+        return subprocess.run(shlex.split(command), check=False).returncode
+    except OSError as exc:
+        log(f"could not run {command!r}: {exc}")
+        return 127
+
+
+def _read_summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _last_error(log_path: Path) -> str | None:
+    """The line of the child's log that says what went wrong (our message, else the exception)."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    # only this attempt's output
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith("=== cpuft batch: attempt"):
+            lines = lines[index + 1:]
+            break
+    for line in reversed(lines):
+        if line.startswith("cpuft: error:"):
+            return line.removeprefix("cpuft: error:").strip()[:500]
+    exception = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
+    for line in reversed(lines):
+        if exception.match(line):
+            return line[:500]
+    return lines[-1][:500] if lines else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_trainer(pid: int, run_dir: str) -> bool:
+    """Is `pid` still the `cpuft sft` child for this run (and not a recycled PID)?"""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [a.decode(errors="replace") for a in argv]
+    return "cpuft" in args and "sft" in args and run_dir in args
+
+
+def _stop_orphan(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + ORPHAN_STOP_SECONDS
+    while time.monotonic() < deadline and _process_alive(pid):
+        time.sleep(0.5)
+    if _process_alive(pid):
+        os.kill(pid, signal.SIGKILL)

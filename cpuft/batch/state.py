@@ -1,0 +1,229 @@
+"""The batch state store: one SQLite row per job, changed only by checked, atomic transitions.
+
+States:
+    queued     never started (or requeued because its config changed after it failed)
+    running    a scheduler started it; the row names that scheduler's PID/host and the child's PID
+    done       finished; summary figures copied from the run's summary.json
+    failed     the run failed; `retryable` says whether another attempt may help (exit 2, bad
+               input, is not retried) and `failures` counts failed runs against max_failures
+    preempted  stopped by a signal after a checkpoint, or left 'running' by a scheduler that died;
+               the next start resumes it from its last checkpoint
+
+Every transition is one `BEGIN IMMEDIATE` transaction that first checks the current state, so two
+processes can never both move a job to 'running': the second gets `StateConflict`. SQLite's
+rollback journal makes each commit durable and all-or-nothing across a power cut; `attempts` counts
+starts, preemptions do not count as failures (a spot VM may be preempted many times).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATES = ("queued", "running", "done", "failed", "preempted")
+
+# new state -> states it may be entered from
+ALLOWED_FROM = {
+    "running": ("queued", "preempted", "failed"),
+    "done": ("running", "queued", "preempted"),  # the latter two: found finished on disk
+    "failed": ("running",),
+    "preempted": ("running",),
+    "queued": ("failed",),
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    name        TEXT PRIMARY KEY,
+    position    INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'preempted')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    failures    INTEGER NOT NULL DEFAULT 0,
+    retryable   INTEGER NOT NULL DEFAULT 1,
+    run_dir     TEXT NOT NULL,
+    config_sha  TEXT,
+    runner_pid  INTEGER,
+    child_pid   INTEGER,
+    host        TEXT,
+    exit_code   INTEGER,
+    last_error  TEXT,
+    summary     TEXT,
+    resumed_from TEXT,
+    started_at  REAL,
+    finished_at REAL,
+    updated_at  REAL NOT NULL
+);
+"""
+
+
+class StateConflict(RuntimeError):
+    """A transition found the job in a state it may not leave that way (someone else moved it)."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    name: str
+    position: int
+    state: str
+    attempts: int
+    failures: int
+    retryable: bool
+    run_dir: str
+    config_sha: str | None
+    runner_pid: int | None
+    child_pid: int | None
+    host: str | None
+    exit_code: int | None
+    last_error: str | None
+    summary: dict[str, Any] = field(default_factory=dict)
+    resumed_from: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float | None = None
+
+    def runnable(self, max_failures: int) -> bool:
+        if self.state in ("queued", "preempted"):
+            return True
+        return self.state == "failed" and self.retryable and self.failures < max_failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class StateStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # autocommit mode: transactions are the explicit BEGIN IMMEDIATE blocks below
+        self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA synchronous = FULL")
+        with self.transaction():
+            self.db.execute(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Take the write lock up front, so a read-check-write sequence cannot interleave."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, name: str) -> JobRecord | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        return _record(row) if row else None
+
+    def all(self) -> list[JobRecord]:
+        return [_record(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY position, name")]
+
+    # ------------------------------------------------------------------ transitions
+
+    def sync(self, jobs: list[tuple[str, str, str]]) -> list[str]:
+        """Add new jobs as 'queued' (name, run_dir, config_sha in queue order); keep positions current.
+
+        A failed job whose config changed since its last attempt is requeued with a fresh
+        failure count: fixing the queue file is how a user retries it. Returns those names.
+        """
+        requeued = []
+        now = time.time()
+        with self.transaction() as db:
+            for position, (name, run_dir, sha) in enumerate(jobs):
+                row = db.execute("SELECT state, config_sha FROM jobs WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO jobs (name, position, state, run_dir, config_sha, updated_at)"
+                        " VALUES (?, ?, 'queued', ?, ?, ?)",
+                        (name, position, run_dir, sha, now),
+                    )
+                    continue
+                db.execute("UPDATE jobs SET position = ? WHERE name = ?", (position, name))
+                if row["state"] == "failed" and row["config_sha"] != sha:
+                    db.execute(
+                        "UPDATE jobs SET state = 'queued', failures = 0, retryable = 1, config_sha = ?,"
+                        " run_dir = ?, updated_at = ? WHERE name = ?",
+                        (sha, run_dir, now, name),
+                    )
+                    requeued.append(name)
+                elif row["state"] in ("queued",):
+                    db.execute("UPDATE jobs SET run_dir = ?, config_sha = ? WHERE name = ?", (run_dir, sha, name))
+        return requeued
+
+    def start(self, name: str, runner_pid: int, host: str, config_sha: str, resumed_from: str | None) -> JobRecord:
+        """queued/preempted/failed -> running; attempts + 1. The caller then starts the child."""
+        return self._move(
+            name, "running", ("queued", "preempted", "failed"),
+            attempts="attempts + 1", runner_pid=runner_pid, host=host, child_pid=None, config_sha=config_sha,
+            resumed_from=resumed_from, started_at=time.time(), finished_at=None, exit_code=None,
+        )
+
+    def set_child(self, name: str, child_pid: int) -> None:
+        with self.transaction() as db:
+            self._require(db, name, ("running",))
+            db.execute("UPDATE jobs SET child_pid = ?, updated_at = ? WHERE name = ?", (child_pid, time.time(), name))
+
+    def finish(self, name: str, state: str, exit_code: int | None, error: str | None = None,
+               summary: dict | None = None, retryable: bool = True) -> JobRecord:
+        """running -> done | failed | preempted, with the child's exit status and summary figures."""
+        if state not in ("done", "failed", "preempted"):
+            raise ValueError(f"finish() cannot move a job to {state!r}")
+        extra: dict[str, Any] = dict(exit_code=exit_code, last_error=error, finished_at=time.time(), child_pid=None)
+        if summary is not None:
+            extra["summary"] = json.dumps(summary, default=str)
+        if state == "failed":
+            extra["failures"] = "failures + 1"
+            extra["retryable"] = int(retryable)
+        return self._move(name, state, ("running",), **extra)
+
+    def mark_done_on_disk(self, name: str, summary: dict) -> JobRecord:
+        """A run that completed but whose scheduler died before recording it: done, not rerun."""
+        return self._move(name, "done", ("queued", "preempted"), summary=json.dumps(summary, default=str), finished_at=time.time(),
+                          last_error=None, child_pid=None)
+
+    def recover_stale(self, name: str, reason: str) -> JobRecord:
+        """running (its scheduler is gone) -> preempted, so the next pick resumes it."""
+        return self._move(name, "preempted", ("running",), last_error=reason, child_pid=None, finished_at=time.time())
+
+    # ------------------------------------------------------------------ internals
+
+    def _require(self, db, name: str, allowed: tuple[str, ...]) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise StateConflict(f"job '{name}' is not in the state store")
+        if row["state"] not in allowed:
+            raise StateConflict(f"job '{name}' is {row['state']}, expected one of {', '.join(allowed)}")
+        return row
+
+    def _move(self, name: str, new_state: str, allowed: tuple[str, ...], **columns) -> JobRecord:
+        assert set(allowed) <= set(ALLOWED_FROM[new_state]), (new_state, allowed)
+        with self.transaction() as db:
+            self._require(db, name, allowed)
+            assignments, params = ["state = ?", "updated_at = ?"], [new_state, time.time()]
+            for column, value in columns.items():
+                if isinstance(value, str) and value == f"{column} + 1":
+                    assignments.append(f"{column} = {column} + 1")
+                else:
+                    assignments.append(f"{column} = ?")
+                    params.append(value)
+            db.execute(f"UPDATE jobs SET {', '.join(assignments)} WHERE name = ?", (*params, name))
+            row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        return _record(row)
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    data = dict(row)
+    data["retryable"] = bool(data["retryable"])
+    data["summary"] = json.loads(data["summary"]) if data.get("summary") else {}
+    return JobRecord(**data)
