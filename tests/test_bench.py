@@ -1,0 +1,61 @@
+"""`cpuft bench --size tiny`: the smoke test of the benchmark (no timing asserts: CI is noisy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cpuft
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = run_cpuft("bench", "--size", "tiny", "--steps", "2", "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_bench_reports_three_variants_with_ratios(tiny_bench):
+    out, proc = tiny_bench
+    report = json.loads((out / "bench.json").read_text())
+    assert {"trl_defaults", "trl_tuned", "cpuft"} <= set(report["variants"])
+    for key in ("speedup_vs_trl_tuned", "speedup_vs_trl_defaults", "eval_loss_rel_diff_vs_trl_tuned",
+                "peak_rss_ratio_vs_trl_tuned", "cpuft_mfu_vs_measured_gemm"):
+        assert isinstance(report[key], float) and report[key] == report[key], key  # a number, not NaN
+    cpuft, tuned = report["variants"]["cpuft"], report["variants"]["trl_tuned"]
+    assert report["speedup_vs_trl_tuned"] == pytest.approx(cpuft["tokens_per_second"] / tuned["tokens_per_second"])
+    for run in report["variants"].values():
+        assert run["steps"] == 2
+        assert run["train_tokens"] > 0 and run["peak_rss_bytes"] > 0
+        assert 0.0 < run["eval_loss"] < 20.0
+    # Same data and steps, so every variant counts the same non-padding tokens...
+    assert len({run["train_tokens"] for run in report["variants"].values()}) == 1
+    # ...and cpuft's length-grouped batches hold no more padding than TRL's random ones.
+    assert cpuft["padding_fraction"] <= tuned["padding_fraction"]
+    assert report["gemm"]["fp32"]["flops_per_second"] > 0
+    assert "speedup_vs_trl_tuned" in proc.stdout
+
+
+def test_bench_variants_differ_only_where_they_should(tiny_bench):
+    out, _ = tiny_bench
+    report = json.loads((out / "bench.json").read_text())
+    native_bf16 = report["machine"]["cpu_summary"].startswith(("AMX", "AVX-512 with BF16"))
+    defaults, tuned, cpuft = (report["variants"][v] for v in ("trl_defaults", "trl_tuned", "cpuft"))
+    assert defaults["compute_dtype"] == "bf16" and defaults["gradient_checkpointing"]  # TRL's defaults
+    assert tuned["compute_dtype"] == ("bf16" if native_bf16 else "fp32") and not tuned["gradient_checkpointing"]
+    assert cpuft["compute_dtype"] == ("bf16" if native_bf16 else "fp32") and not cpuft["gradient_checkpointing"]
+    assert len({run["trainable_params"] for run in report["variants"].values()}) == 1  # same LoRA everywhere
+
+
+def test_bench_writes_a_chart(tiny_bench):
+    out, _ = tiny_bench
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_variant(tmp_path):
+    proc = run_cpuft("bench", "--variants", "cpuft,trl_fast", "--out", tmp_path)
+    assert proc.returncode == 2
+    assert "trl_fast" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bench.json").exists()
