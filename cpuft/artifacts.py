@@ -83,10 +83,17 @@ def write_loss_curve(metrics: list[dict], path: str | Path) -> bool:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Lay out, save to a temporary sibling (its suffix tells matplotlib the format), rename, close."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
-    return True

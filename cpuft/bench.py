@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cpuft.artifacts import atomic_write_json, atomic_write_text
+from cpuft.artifacts import atomic_write_json, atomic_write_text, save_figure
 from cpuft.errors import UserError
 from cpuft.tiny_model import TinyModelSpec
 
@@ -355,12 +355,7 @@ def write_bench_chart(report: dict, path: Path) -> None:
     for ax in (speed_ax, rss_ax):
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 # ============================================================================ worker: one variant

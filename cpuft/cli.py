@@ -28,7 +28,7 @@ examples:
   cpuft env                                  what this machine is and what cpuft would do
   cpuft tiny-model --out models/tiny         build a small offline model to try things with
   cpuft sft --model models/tiny --dataset sample --max-steps 60
-  cpuft sft --config job.yaml --resume       continue an interrupted run
+  cpuft sft --output-dir runs/x --resume     continue an interrupted run
 """
 
 
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
     # With torchao installed (the `int8` extra) transformers and PEFT import it, and its import logs
     # every CUDA-only kernel it cannot load on a CPU build, plus a torch pytree deprecation.
-    for noisy_logger in ("torchao", "torch.utils._pytree"):
+    # bitsandbytes' CPU backend warns on import that it cannot fetch an optional kernel from the
+    # Hub; it falls back to its own kernel, so there is nothing for the user to do.
+    for noisy_logger in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy_logger).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -203,7 +203,7 @@ class TimeEstimate:
 
     def format(self) -> str:
         lines = [
-            f"Time plan: {self.tokens:,} tokens/epoch x {self.epochs:g} epoch(s),"
+            f"Time plan: {self.tokens:,} tokens/epoch x {self.epochs:.3g} epoch(s),"
             f" {self.flops_per_token / 1e9:,.2f} GFLOP/token",
             f"  FLOP/s         {self.flops_per_second / 1e12:,.3f} TFLOP/s ({self.flops_source})"
             f" at {self.utilization:.0%} utilisation",

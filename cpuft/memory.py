@@ -29,7 +29,7 @@ attention is assumed to be SDPA/flash (no seq x seq score matrix) unless `attn_i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 GIB = 2**30

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -119,6 +118,10 @@ class SFTRecipe:
             self.model_shape.total_params if self.model_shape else estimate_param_count(model_config)
         )
         self.plan = plan_for(self.machine, self.config.plan_request(self.model_params_estimate))
+        from cpuft.report import format_env_table
+
+        # The plan first, then what it costs in memory and time: read top to bottom before loading.
+        self.log(format_env_table(self.machine, self.plan) + "\n")
         self.memory_plan = self._check_memory()
         self._apply_threads()
         self.data = prepare_dataset(
@@ -495,9 +498,3 @@ def _read_metrics(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line cut short by a hard kill; the rest are whole
     return records
-
-
-def print_plan(machine: Machine, plan: Plan, out=sys.stdout) -> None:
-    from cpuft.report import format_env_table
-
-    print(format_env_table(machine, plan), file=out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -52,7 +51,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from cpuft.probe import probe_machine
-    from cpuft.report import format_env_table
     from cpuft.train import SFTRecipe
 
     cli_values = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
@@ -65,7 +63,6 @@ def run(args) -> int:
 
     recipe = SFTRecipe(config, probe_machine(), resume=args.resume, show_progress=not args.no_progress)
     recipe.setup()
-    print(format_env_table(recipe.machine, recipe.plan))
     data = recipe.data
     print(
         f"\ndata: {data.source} ({data.row_format}), {len(data.train)} train / "
