@@ -288,6 +288,25 @@ def count_training_tokens(dataset, tokenizer, max_length: int) -> int:
     return total
 
 
+# Rows tokenized to size an epoch before training; the rest is extrapolated (tokenizing every row
+# of a large dataset would delay the start for a planning figure).
+TOKEN_COUNT_SAMPLE_ROWS = 2000
+
+
+def tokens_per_epoch(dataset, tokenizer, max_length: int) -> tuple[int, float]:
+    """(trained tokens per epoch, mean tokens per row), from the first TOKEN_COUNT_SAMPLE_ROWS rows."""
+    sample = dataset.select(range(min(len(dataset), TOKEN_COUNT_SAMPLE_ROWS)))
+    per_row = count_training_tokens(sample, tokenizer, max_length) / max(1, len(sample))
+    return round(per_row * len(dataset)), per_row
+
+
+def planned_epochs(max_steps: int, effective_batch_size: int, rows_per_epoch: float, num_train_epochs: float) -> float:
+    """Epochs the run will cover: max_steps (when set, > 0) wins over num_train_epochs, as in the Trainer."""
+    if max_steps > 0:
+        return max_steps * effective_batch_size / max(1.0, rows_per_epoch)
+    return num_train_epochs
+
+
 # Share of the FLOP/s figure training reaches. A large square GEMM is the best case; training adds
 # skinny matmuls, attention, norms, the optimizer and data handling. Declared peaks are further
 # from reality (AMX rarely sustains its datasheet rate on training-sized matmuls).

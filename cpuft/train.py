@@ -84,10 +84,6 @@ def estimate_param_count(model_config) -> int | None:
     return layers * (attention + mlp) + embeddings
 
 
-# Rows tokenized to estimate tokens per epoch before training (the rest is extrapolated).
-TIME_ESTIMATE_SAMPLE_ROWS = 2000
-
-
 class SFTRecipe:
     """One fine-tuning job: `setup()` validates and loads, `train()` runs, `finalize()` writes."""
 
@@ -156,24 +152,19 @@ class SFTRecipe:
 
     def _estimate_time(self):
         """Print the expected training time (and cost on --machine-type) before loading weights."""
-        from cpuft.cloud import MACHINE_TYPES, count_training_tokens, time_for_run
+        from cpuft.cloud import MACHINE_TYPES, planned_epochs, time_for_run, tokens_per_epoch
 
         if self.memory_plan is None:
             return None
         train = self.data.train
-        # Tokenizing every row of a large dataset would delay the start; a sample sizes it well.
-        sample = train.select(range(min(len(train), TIME_ESTIMATE_SAMPLE_ROWS)))
-        tokens_per_row = count_training_tokens(sample, self.tokenizer, self.config.max_length) / max(1, len(sample))
-        rows_per_epoch = len(train)
-        if self.config.max_steps > 0:
-            epochs = self.config.max_steps * self.plan.effective_batch_size / max(1, rows_per_epoch)
-        else:
-            epochs = self.config.num_train_epochs
+        tokens, tokens_per_row = tokens_per_epoch(train, self.tokenizer, self.config.max_length)
+        epochs = planned_epochs(
+            self.config.max_steps, self.plan.effective_batch_size, len(train), self.config.num_train_epochs
+        )
         machine_type = MACHINE_TYPES[self.config.machine_type] if self.config.machine_type else None
         estimate = time_for_run(
-            self.model_shape, self.run_settings, self.memory_plan.trainable_params,
-            round(tokens_per_row * rows_per_epoch), epochs, tokens_per_row, machine_type,
-            self.plan.threads, datasheet_flops=self.plan.peak_flops,
+            self.model_shape, self.run_settings, self.memory_plan.trainable_params, tokens, epochs,
+            tokens_per_row, machine_type, self.plan.threads, datasheet_flops=self.plan.peak_flops,
         )
         self.log(estimate.format())
         return estimate

@@ -83,7 +83,7 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
     """Plan, memory and time for `config` (a resolved SFTJobConfig); {'text': ..., 'json': ...}."""
     from dataclasses import replace
 
-    from cpuft.cloud import MACHINE_TYPES, time_for_run
+    from cpuft.cloud import MACHINE_TYPES, planned_epochs, time_for_run
     from cpuft.memory import plan_memory, settings_for_plan, usable_capacity
     from cpuft.plan import plan_for
     from cpuft.probe import probe_machine
@@ -119,8 +119,11 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
                 raise
             time_note = f"time not estimated: the default dataset is unavailable ({exc}); pass --dataset or --tokens N"
     if token_count is not None:
+        epochs = planned_epochs(
+            config.max_steps, plan.effective_batch_size, token_count / mean_seq_len, config.num_train_epochs
+        )
         time_estimate = time_for_run(
-            shape, settings, memory.trainable_params, token_count, config.num_train_epochs, mean_seq_len,
+            shape, settings, memory.trainable_params, token_count, epochs, mean_seq_len,
             machine_type, plan.threads, utilization, datasheet_flops=plan.peak_flops,
         )
 
@@ -157,7 +160,7 @@ def _shape(model_config, model: str):
 def _count_dataset_tokens(config) -> tuple[int, float]:
     from transformers import AutoTokenizer
 
-    from cpuft.cloud import count_training_tokens
+    from cpuft.cloud import tokens_per_epoch
     from cpuft.data import prepare_dataset
 
     data = prepare_dataset(
@@ -168,8 +171,7 @@ def _count_dataset_tokens(config) -> tuple[int, float]:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer of '{config.model}' to count tokens: {exc}; pass --tokens N.") from None
-    tokens = count_training_tokens(data.train, tokenizer, config.max_length)
-    return tokens, tokens / max(1, len(data.train))
+    return tokens_per_epoch(data.train, tokenizer, config.max_length)
 
 
 def _machine_types_table(types) -> str:
