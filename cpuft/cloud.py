@@ -248,31 +248,6 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def measure_matmul_flops(dtype: str = "fp32", threads: int | None = None, size: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of a square matmul on this CPU in `dtype`: a ceiling for what training reaches."""
-    import time
-
-    import torch
-
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        a = torch.randn(size, size, dtype=torch_dtype)
-        b = torch.randn(size, size, dtype=torch_dtype)
-        torch.mm(a, b)  # warm-up: thread pool and kernel selection
-        best = float("inf")
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or best == float("inf"):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        return 2.0 * size**3 / best
-    finally:
-        torch.set_num_threads(previous)
-
-
 def count_training_tokens(dataset, tokenizer, max_length: int) -> int:
     """Tokens the trainer will see in one epoch: each conversation through the chat template,
     truncated to max_length (as TRL truncates). Padding is not counted: it is not trained on."""
@@ -336,7 +311,9 @@ def time_for_run(
         peak, source = datasheet_flops, "GPU datasheet peak"
         default_utilization = UTILIZATION_OF_DECLARED_PEAK["cuda"]
     else:
-        peak = measure_matmul_flops(settings.compute_dtype, threads)
+        from cpuft.gemm import measure_gemm_flops
+
+        peak = measure_gemm_flops(1024, 1024, 1024, settings.compute_dtype, threads).flops_per_second
         source = f"measured {settings.compute_dtype} 1024^3 matmul on this machine, {threads} threads"
         default_utilization = UTILIZATION_OF_MEASURED_MATMUL
     notes = []

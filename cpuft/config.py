@@ -203,27 +203,36 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist.")
-    text = path.read_text()
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    raw, node = load_yaml_with_nodes(path)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}.")
-    key_lines = {
-        key_node.value: key_node.start_mark.line + 1
-        for key_node, _ in (node.value if isinstance(node, yaml.MappingNode) else [])
-    }
-    values = {}
-    for key, value in raw.items():
-        where = f"{path}:{key_lines.get(key, '?')}"
-        if key not in CONFIG_FIELDS:
-            raise UserError(unknown_key_message(str(key), where))
-        values[key] = coerce_value(key, value, where)
-    return values
+    lines = key_lines(node)
+    return {key: typed_config_value(key, value, f"{path}:{lines.get(key, '?')}") for key, value in raw.items()}
+
+
+def load_yaml_with_nodes(path: Path) -> tuple[Any, yaml.Node | None]:
+    """(data, node tree) of a YAML file; the nodes give each key's line for error messages."""
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+
+
+def key_lines(node) -> dict[str, int]:
+    """Line (1-based) of each key of a YAML mapping node; {} for anything else."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key_node.value: key_node.start_mark.line + 1 for key_node, _ in node.value}
+
+
+def typed_config_value(key: str, value: Any, where: str) -> Any:
+    """A config file's value for `key`, typed; UserError naming `where` for unknown keys or bad values."""
+    if key not in CONFIG_FIELDS:
+        raise UserError(unknown_key_message(str(key), where))
+    return coerce_value(key, value, where)
 
 
 def write_config_file(config: SFTJobConfig, path: Path) -> None:

@@ -31,25 +31,32 @@ class GemmMeasurement:
 
 def measure_gemm_flops(m: int, k: int, n: int, dtype: str = "fp32", threads: int | None = None,
                        repeats: int = 30, warmup: int = 5) -> GemmMeasurement:
-    """Median FLOP/s of `(m x k) @ (k x n)` in `dtype` ("fp32" or "bf16") on this CPU."""
+    """Median FLOP/s of `(m x k) @ (k x n)` in `dtype` ("fp32", "bf16" or "fp16") on this CPU.
+
+    `threads` applies to the measurement only; the caller's thread count is restored after.
+    """
     import torch
 
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=generator).to(torch_dtype)
-    b = torch.randn(k, n, generator=generator).to(torch_dtype)
-    out = torch.empty(m, n, dtype=torch_dtype)
-    for _ in range(warmup):
-        torch.matmul(a, b, out=out)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds)
-    return GemmMeasurement(
-        dtype=dtype, m=m, k=k, n=n, threads=torch.get_num_threads(), repeats=repeats,
-        median_seconds=median, flops_per_second=2.0 * m * k * n / median,
-    )
+    try:
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(m, k, generator=generator).to(torch_dtype)
+        b = torch.randn(k, n, generator=generator).to(torch_dtype)
+        out = torch.empty(m, n, dtype=torch_dtype)
+        for _ in range(warmup):
+            torch.matmul(a, b, out=out)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            seconds.append(time.perf_counter() - start)
+        median = statistics.median(seconds)
+        return GemmMeasurement(
+            dtype=dtype, m=m, k=k, n=n, threads=torch.get_num_threads(), repeats=repeats,
+            median_seconds=median, flops_per_second=2.0 * m * k * n / median,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)

@@ -69,7 +69,6 @@ DEFAULT_INT8_BY_CPU_KIND = {
     "avx2": "torch-dynamic",  # measured
     "other": "torch-dynamic",  # not measured
 }
-MEASURED_CPU_KINDS = frozenset({"avx2", "avx512"})
 
 
 def cpu_kind(machine: Machine) -> str:

@@ -36,6 +36,7 @@ from cpuft.data import PreparedData, prepare_dataset
 from cpuft.errors import UserError
 from cpuft.plan import Plan, plan_for
 from cpuft.probe import Machine
+from cpuft.report import format_env_table
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -114,8 +115,6 @@ class SFTRecipe:
             self.model_shape.total_params if self.model_shape else estimate_param_count(model_config)
         )
         self.plan = plan_for(self.machine, self.config.plan_request(self.model_params_estimate))
-        from cpuft.report import format_env_table
-
         # The plan first, then what it costs in memory and time: read top to bottom before loading.
         self.log(format_env_table(self.machine, self.plan) + "\n")
         self.memory_plan = self._check_memory()

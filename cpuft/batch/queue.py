@@ -38,7 +38,9 @@ from typing import Any
 
 import yaml
 
-from cpuft.config import CONFIG_FIELDS, SFTJobConfig, coerce_value, resolve_config, unknown_key_message
+from cpuft.config import (
+    CONFIG_FIELDS, SFTJobConfig, key_lines, load_yaml_with_nodes, resolve_config, typed_config_value,
+)
 from cpuft.errors import UserError
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -92,12 +94,7 @@ def load_queue(path: str | Path, check_files: bool = True) -> BatchQueue:
     if not path.is_file():
         raise UserError(f"queue file {path} does not exist.")
     path = path.resolve()
-    text = path.read_text()
-    try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    raw, root = load_yaml_with_nodes(path)
 
     errors: list[str] = []
     if raw is None:
@@ -105,14 +102,14 @@ def load_queue(path: str | Path, check_files: bool = True) -> BatchQueue:
     if isinstance(raw, list):
         raw = {"jobs": raw}
         root_keys: dict[str, yaml.Node] = {"jobs": root}
-        key_lines: dict[str, int] = {"jobs": 1}
+        top_lines: dict[str, int] = {"jobs": 1}
     elif isinstance(raw, dict):
         root_keys = {k.value: v for k, v in root.value}
-        key_lines = {k.value: k.start_mark.line + 1 for k, _ in root.value}
+        top_lines = key_lines(root)
         for key in raw:
             if key not in QUEUE_KEYS:
                 errors.append(
-                    f"{path}:{key_lines.get(key, '?')}: unknown queue key '{key}'; the top level holds"
+                    f"{path}:{top_lines.get(key, '?')}: unknown queue key '{key}'; the top level holds"
                     f" {', '.join(QUEUE_KEYS)} (job settings go under 'jobs' or 'defaults')."
                 )
     else:
@@ -120,20 +117,20 @@ def load_queue(path: str | Path, check_files: bool = True) -> BatchQueue:
 
     max_failures = raw.get("max_failures", DEFAULT_MAX_FAILURES)
     if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 1:
-        errors.append(f"{path}:{key_lines.get('max_failures', '?')}: max_failures must be a positive integer, got {max_failures!r}.")
+        errors.append(f"{path}:{top_lines.get('max_failures', '?')}: max_failures must be a positive integer, got {max_failures!r}.")
         max_failures = DEFAULT_MAX_FAILURES
     runs_dir_value = raw.get("runs_dir", "runs")
     if not isinstance(runs_dir_value, str) or not runs_dir_value:
-        errors.append(f"{path}:{key_lines.get('runs_dir', '?')}: runs_dir must be a directory path, got {runs_dir_value!r}.")
+        errors.append(f"{path}:{top_lines.get('runs_dir', '?')}: runs_dir must be a directory path, got {runs_dir_value!r}.")
         runs_dir_value = "runs"
     runs_dir = _relative_to(path.parent, runs_dir_value)
 
-    defaults = _typed_defaults(path, raw.get("defaults"), root_keys.get("defaults"), key_lines.get("defaults"), errors)
+    defaults = _typed_defaults(path, raw.get("defaults"), root_keys.get("defaults"), top_lines.get("defaults"), errors)
     jobs_raw = raw.get("jobs", [])
     if jobs_raw is None:
         jobs_raw = []
     if not isinstance(jobs_raw, list):
-        errors.append(f"{path}:{key_lines.get('jobs', '?')}: 'jobs' must be a list of job mappings, got {type(jobs_raw).__name__}.")
+        errors.append(f"{path}:{top_lines.get('jobs', '?')}: 'jobs' must be a list of job mappings, got {type(jobs_raw).__name__}.")
         jobs_raw = []
     jobs_node = root_keys.get("jobs")
     item_nodes = jobs_node.value if isinstance(jobs_node, yaml.SequenceNode) else [None] * len(jobs_raw)
@@ -176,7 +173,7 @@ def _typed_defaults(path: Path, raw: Any, node, line: int | None, errors: list[s
     if not isinstance(raw, dict):
         errors.append(f"{path}:{line}: 'defaults' must be a mapping of `cpuft sft` config keys.")
         return {}
-    lines = _key_lines(node)
+    lines = key_lines(node)
     typed = {}
     for key, value in raw.items():
         where = f"{path}:{lines.get(key, line)}: defaults"
@@ -184,9 +181,7 @@ def _typed_defaults(path: Path, raw: Any, node, line: int | None, errors: list[s
             errors.append(f"{where}: 'name' cannot have a default; every job names itself.")
             continue
         try:
-            if key not in CONFIG_FIELDS:
-                raise UserError(unknown_key_message(str(key), where))
-            typed[key] = (coerce_value(key, value, where), lines.get(key, line))
+            typed[key] = (typed_config_value(key, value, where), lines.get(key, line))
         except UserError as exc:
             errors.append(str(exc))
     return typed
@@ -205,7 +200,7 @@ def _parse_job(path, index, item, node, line, defaults, runs_dir: Path, check_fi
         )
         return None
     where_job = f"job '{name}'"
-    lines = _key_lines(node)
+    lines = key_lines(node)
     duplicated = _duplicate_keys(node)
     if duplicated:
         key, key_line = duplicated
@@ -219,9 +214,7 @@ def _parse_job(path, index, item, node, line, defaults, runs_dir: Path, check_fi
             continue
         where = f"{path}:{lines.get(key, line)}: {where_job}"
         try:
-            if key not in CONFIG_FIELDS:
-                raise UserError(unknown_key_message(str(key), where))
-            values[key] = (coerce_value(key, value, where), lines.get(key, line))
+            values[key] = (typed_config_value(key, value, where), lines.get(key, line))
         except UserError as exc:
             errors.append(str(exc))
             return None
@@ -314,12 +307,6 @@ def _check_rows(config: SFTJobConfig) -> None:
     row_format = detect_format(rows[0]) if config.dataset_format == "auto" else config.dataset_format
     for row in rows:
         convert_row(row, row_format)
-
-
-def _key_lines(node) -> dict[str, int]:
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value}
 
 
 def _duplicate_keys(node) -> tuple[str, int] | None:
