@@ -18,3 +18,9 @@ class UserError(Exception):
 
 class PlanError(UserError):
     """The request cannot be carried out on this machine (e.g. cuda with no GPU)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to pages), or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -117,7 +117,7 @@ def main() -> int:
 
 
 def build_model(out: Path, rows: list[dict]) -> Path:
-    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+    from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
     texts = [m["content"] for r in rows for m in r["messages"]]
     spec = TinyModelSpec(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=172)

@@ -4,15 +4,20 @@ Needs the tiny bench inputs first:  cpuft bench --size tiny --out /tmp/b7/tiny
 Then:  python scripts/bench_compile.py 1; python scripts/bench_compile.py 0   (compiled, eager)
 Prints total seconds, first-step seconds (includes compile) and the last 10 steps' seconds.
 """
-import os, time, json, sys
+import json
+import os
+import sys
+import time
+
 os.environ["HF_HUB_OFFLINE"]="1"
-import torch
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
-from cpuft.bench import _read_jsonl
-from cpuft.callbacks import MetricsCallback
+
+from cpuft.bench.runner import _read_jsonl
+from cpuft.train.callbacks import MetricsCallback
+
 compile_ = sys.argv[1]=="1"
 base=os.environ.get("BENCH_TINY","/tmp/b7/tiny")
 m=base+"/work/model-tiny"

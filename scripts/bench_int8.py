@@ -105,15 +105,15 @@ def load(model_dir: Path, method: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cpuft.int8 import quantize_for_cpu_inference
+    from cpuft.inference.int8 import quantize_for_cpu_inference
 
     # Read into memory rather than mmap the checkpoint: mapped file pages stay counted in RSS after
     # quantisation drops the float weights they back, which would hide the memory int8 saves.
-    # cpuft.inference loads the same way when it quantises.
+    # cpuft.inference.loading loads the same way when it quantises.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, disable_mmap=True).eval()
     started = time.perf_counter()
     if method == "torch-dynamic-per-tensor":
-        from cpuft.int8 import _untie_lm_head
+        from cpuft.inference.int8 import _untie_lm_head
 
         _untie_lm_head(model)
         torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
@@ -272,8 +272,8 @@ def markdown_table(table: dict[str, dict]) -> str:
 
 
 def orchestrate(args) -> None:
-    from cpuft.int8 import available_int8_methods, cpu_kind
-    from cpuft.probe import probe_machine
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.inference.int8 import available_int8_methods, cpu_kind
 
     machine = probe_machine()
     if not (args.model_dir / "config.json").is_file():
@@ -352,7 +352,7 @@ def main() -> None:
     parser.add_argument("--ref", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is None:
-        from cpuft.probe import probe_machine
+        from cpuft.hardware.probe import probe_machine
 
         args.threads = probe_machine().physical_cores
     if args.worker:

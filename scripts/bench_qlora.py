@@ -60,7 +60,7 @@ def worker(args) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from cpuft.metrics import peak_rss_bytes
+    from cpuft.hardware.usage import peak_rss_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,7 +133,7 @@ def worker(args) -> dict:
 def build_model(args, directory: Path) -> str:
     import random
 
-    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+    from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
     rng = random.Random(0)
     words = [f"w{i}" for i in range(3000)]
@@ -146,7 +146,7 @@ def build_model(args, directory: Path) -> str:
 def estimate(args, variant: str, dtype: str) -> dict:
     from transformers import AutoConfig
 
-    from cpuft.memory import RunSettings, model_shape, plan_memory
+    from cpuft.planning.memory import RunSettings, model_shape, plan_memory
 
     shape = model_shape(AutoConfig.from_pretrained(args.model))
     settings = RunSettings(

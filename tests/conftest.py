@@ -23,7 +23,7 @@ TEST_MODEL_SPEC = dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+    from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", spec=TinyModelSpec(**TEST_MODEL_SPEC))
 
@@ -69,7 +69,7 @@ def qa_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qa_model_dir(tmp_path_factory) -> Path:
     """The test-size tiny model, its tokenizer trained on the Q/A rows (no bundled sample needed)."""
-    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+    from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
     texts = [row["prompt"] + " " + row["completion"] for row in qa_rows()]
     return build_tiny_model(tmp_path_factory.mktemp("models") / "qa", texts=texts, spec=TinyModelSpec(**TEST_MODEL_SPEC))

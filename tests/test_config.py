@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cpuft.config import SFTJobConfig, read_config_file, resolve_config
+from cpuft.config.job import SFTJobConfig, read_config_file, resolve_config
 from cpuft.errors import UserError
+from cpuft.planning.plan import PlanRequest
 
 
 def test_precedence_defaults_then_yaml_then_cli(tmp_path):
@@ -70,5 +71,5 @@ def test_optional_fields_accept_none_and_numbers(tmp_path):
     path.write_text("threads: null\nper_device_batch_size: 2\ngradient_checkpointing: true\n")
     config = resolve_config(str(path), {})
     assert config.threads is None and config.per_device_batch_size == 2 and config.gradient_checkpointing is True
-    request = config.plan_request()
+    request = PlanRequest.from_job(config)
     assert request.per_device_batch_size == 2 and request.gradient_checkpointing is True

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cpuft.data import SAMPLE_NAME, load_rows, prepare_dataset, sample_path
+from cpuft.data.prepare import SAMPLE_NAME, load_rows, prepare_dataset, sample_path
 from cpuft.errors import UserError
 from tests.conftest import write_jsonl
 

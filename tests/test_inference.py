@@ -1,4 +1,4 @@
-"""`cpuft generate`, `cpuft chat`, `cpuft eval` and cpuft.inference on a real (tiny) fine-tune.
+"""`cpuft generate`, `cpuft chat`, `cpuft eval` and cpuft.inference.loading on a real (tiny) fine-tune.
 
 One LoRA run (`qa_run_dir`, conftest) is shared with test_merge.py. The CLI is exercised where the
 behaviour is the CLI's (streaming chat, exit codes, files written); the rest runs in-process.
@@ -14,14 +14,18 @@ from pathlib import Path
 import pytest
 
 from cpuft.errors import UserError
-from cpuft.inference import (
+from cpuft.inference.evaluate import evaluate_loss
+from cpuft.inference.loading import (
     GenerationSettings,
-    evaluate_loss,
     generate,
     load_for_inference,
     resolve_source,
 )
 from tests.conftest import qa_rows, run_cpuft
+
+
+def _model_and_tokenizer(loaded):
+    return loaded.model, loaded.tokenizer
 
 
 def reference_reply(qa_model_dir: Path, adapter_dir: Path, messages: list[dict], max_new_tokens: int) -> str:
@@ -88,13 +92,13 @@ def test_chat_streams_replies_keeps_history_and_resets(qa_run_dir, qa_model_dir)
 
 
 def test_merged_and_quantised_loads_score_close_to_the_adapter(qa_run_dir, qa_dataset):
-    from cpuft.data import prepare_dataset
-    from cpuft.int8 import available_int8_methods
+    from cpuft.data.prepare import prepare_dataset
+    from cpuft.inference.int8 import available_int8_methods
 
     rows = list(prepare_dataset(str(qa_dataset), eval_fraction=0.0).train)
     source = resolve_source(str(qa_run_dir))
-    adapter = evaluate_loss(load_for_inference(source), rows, batch_size=8)
-    merged = evaluate_loss(load_for_inference(source, merge=True), rows, batch_size=8)
+    adapter = evaluate_loss(*_model_and_tokenizer(load_for_inference(source)), rows, batch_size=8)
+    merged = evaluate_loss(*_model_and_tokenizer(load_for_inference(source, merge=True)), rows, batch_size=8)
     assert merged.tokens == adapter.tokens
     assert merged.loss == pytest.approx(adapter.loss, abs=1e-5)
     for method, missing in available_int8_methods().items():
@@ -103,22 +107,22 @@ def test_merged_and_quantised_loads_score_close_to_the_adapter(qa_run_dir, qa_da
         loaded = load_for_inference(source, int8=method)
         assert loaded.precision == f"int8 ({method})"
         # int8 rounding moves the loss a little; a broken path (wrong scales, lost adapter) moves it a lot.
-        assert evaluate_loss(loaded, rows, batch_size=8).loss == pytest.approx(adapter.loss, rel=0.01), method
+        assert evaluate_loss(loaded.model, loaded.tokenizer, rows, batch_size=8).loss == pytest.approx(adapter.loss, rel=0.01), method
 
 
 def test_nf4_base_with_adapter_on_top(qa_run_dir, qa_dataset):
     pytest.importorskip("bitsandbytes")
     import torch
 
-    from cpuft.data import prepare_dataset
+    from cpuft.data.prepare import prepare_dataset
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # bitsandbytes' x86 backend runs NF4 too
     rows = list(prepare_dataset(str(qa_dataset), eval_fraction=0.0).train)[:8]
     source = resolve_source(str(qa_run_dir))
-    full = evaluate_loss(load_for_inference(source), rows, batch_size=8)
+    full = evaluate_loss(*_model_and_tokenizer(load_for_inference(source)), rows, batch_size=8)
     loaded = load_for_inference(source, nf4=True, device=device)
     assert type(loaded.model).__name__ == "PeftModelForCausalLM"  # adapter stays unmerged over 4-bit weights
-    assert evaluate_loss(loaded, rows, batch_size=8).loss == pytest.approx(full.loss, rel=0.02)
+    assert evaluate_loss(loaded.model, loaded.tokenizer, rows, batch_size=8).loss == pytest.approx(full.loss, rel=0.02)
     assert isinstance(generate(loaded, GenerationSettings(max_new_tokens=3), messages=[{"role": "user", "content": "hi"}]), str)
 
 
@@ -126,7 +130,7 @@ def test_nf4_base_with_adapter_on_top(qa_run_dir, qa_dataset):
 
 
 def test_adapter_for_another_base_model_exits_2_with_a_message(qa_run_dir, tmp_path):
-    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+    from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", texts=["a b c d e f g"] * 20, spec=TinyModelSpec(
         vocab_size=300, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=86,

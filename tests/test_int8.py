@@ -1,4 +1,4 @@
-"""cpuft.int8: every available INT8 path quantises every linear layer and stays close to fp32.
+"""cpuft.inference.int8: every available INT8 path quantises every linear layer and stays close to fp32.
 
 Speed is not tested here (scripts/bench_int8.py measures it); these tests check that each path is
 real int8 and numerically sane on a small random Llama.
@@ -11,7 +11,8 @@ import copy
 import pytest
 
 from cpuft.errors import UserError
-from cpuft.int8 import (
+from cpuft.hardware.probe import Machine
+from cpuft.inference.int8 import (
     DEFAULT_INT8_BY_CPU_KIND,
     INT8_METHODS,
     available_int8_methods,
@@ -19,7 +20,6 @@ from cpuft.int8 import (
     default_int8_method,
     quantize_for_cpu_inference,
 )
-from cpuft.probe import Machine
 
 AVAILABLE = [m for m, missing in available_int8_methods().items() if missing is None]
 

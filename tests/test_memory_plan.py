@@ -12,8 +12,9 @@ import json
 import pytest
 from transformers import BloomConfig, LlamaConfig, T5Config
 
-from cpuft.cloud import MACHINE_TYPES, estimate_run_time, machine_type
-from cpuft.memory import (
+from cpuft.hardware.probe import Machine
+from cpuft.planning.cloud import MACHINE_TYPES, estimate_run_time, machine_type
+from cpuft.planning.memory import (
     GIB,
     NF4_BYTES_PER_PARAM,
     RunSettings,
@@ -21,8 +22,7 @@ from cpuft.memory import (
     options_that_fit,
     plan_memory,
 )
-from cpuft.plan import PlanRequest, plan_for
-from cpuft.probe import CudaDevice, Machine
+from cpuft.planning.plan import PlanRequest, plan_for
 from tests.conftest import run_cpuft
 
 GB = 10**9

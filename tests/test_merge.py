@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cpuft.errors import UserError
-from cpuft.merge import PROVENANCE_FILE, merge_adapters, resolve_adapters
+from cpuft.inference.merge import PROVENANCE_FILE, merge_adapters, resolve_adapters
 from tests.conftest import run_cpuft
 
 # fp32 merge: W + s*B@A summed once instead of applied per forward; the difference is float rounding.
@@ -82,7 +82,7 @@ def test_merge_refuses_what_it_cannot_do(qa_run_dir, tmp_path):
     with pytest.raises(UserError, match="one weight per adapter"):
         resolve_adapters([str(qa_run_dir)], [0.5, 0.5], base=None)
 
-    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+    from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
     other_base = build_tiny_model(tmp_path / "other-base", texts=["a b c d"] * 20, spec=TinyModelSpec(
         vocab_size=300, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=86,

@@ -12,9 +12,9 @@ import random
 import pytest
 import torch
 
-from cpuft.bench import synthetic_conversations
-from cpuft.packing import length_grouped_order
-from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+from cpuft.bench.runner import synthetic_conversations
+from cpuft.data.packing import length_grouped_order
+from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
 # fp32 on CPU: SDPA with an explicit block-diagonal mask and SDPA with is_causal sum in a
 # different order; measured differences are ~1e-6, so 1e-4 leaves room without hiding a leak
@@ -125,14 +125,14 @@ def test_length_grouped_order_is_a_permutation_that_cuts_padding():
 
 
 def _avx2_machine():
-    from cpuft.probe import Machine
+    from cpuft.hardware.probe import Machine
 
     return Machine.from_dict({"cpu_name": "test", "cpu_flags": ["avx2", "fma3"], "physical_cores": 2,
                               "logical_cores": 2, "usable_cpus": 2, "ram_bytes": 24 * 2**30})
 
 
 def test_plan_packs_one_row_per_micro_batch_and_stops_length_grouping():
-    from cpuft.plan import PlanRequest, plan_for
+    from cpuft.planning.plan import PlanRequest, plan_for
 
     packed_plan = plan_for(_avx2_machine(), PlanRequest(packing=True))
     assert (packed_plan.packing, packed_plan.length_grouping, packed_plan.per_device_batch_size) == (True, False, 1)
@@ -142,7 +142,7 @@ def test_plan_packs_one_row_per_micro_batch_and_stops_length_grouping():
 
 
 def test_plan_compiles_only_runs_long_enough_to_repay_the_warm_up():
-    from cpuft.plan import COMPILE_MIN_STEPS_CPU, PlanRequest, plan_for
+    from cpuft.planning.plan import COMPILE_MIN_STEPS_CPU, PlanRequest, plan_for
 
     machine = _avx2_machine()
     assert plan_for(machine, PlanRequest(max_steps=60)).torch_compile is False

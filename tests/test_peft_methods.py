@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from cpuft.config import resolve_config
-from cpuft.peft_methods import PEFT_METHODS, build_peft_config
-from cpuft.probe import probe_machine
-from cpuft.train import SFTRecipe
+from cpuft.config.job import resolve_config
+from cpuft.hardware.probe import probe_machine
+from cpuft.train.peft_methods import PEFT_METHODS, build_peft_config
+from cpuft.train.recipe import SFTRecipe
 from tests.conftest import write_jsonl
 
 WORDS = "the cat sat on a mat while the dog ran to the park and birds sang in tall green trees".split()
@@ -33,7 +33,7 @@ def conversation_rows(count: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """Its own tiny model and data, so these tests need no bundled files."""
-    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+    from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
     root = tmp_path_factory.mktemp("peft_methods")
     rows = conversation_rows(24)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from cpuft.errors import PlanError
-from cpuft.plan import PlanRequest, plan_for
-from cpuft.probe import CudaDevice, Machine
+from cpuft.hardware.probe import CudaDevice, Machine
+from cpuft.planning.plan import PlanRequest, plan_for
 
 GIB = 2**30
 

@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
-from cpuft.memory import default_optimizer
-from cpuft.plan import PlanRequest, plan_for
-from cpuft.probe import CudaDevice, Machine
-from cpuft.train import quantization_config_for
+from cpuft.hardware.probe import Machine
+from cpuft.modeling import bitsandbytes_config
+from cpuft.planning.memory import default_optimizer
+from cpuft.planning.plan import PlanRequest, plan_for
 from tests.conftest import run_cpuft, write_jsonl
 from tests.test_peft_methods import conversation_rows
 
@@ -52,7 +52,7 @@ def test_quant_request_is_honoured_on_cuda(quant):
 
 def test_nf4_config_for_a_cuda_plan_is_the_qlora_recipe():
     plan = plan_for(gpu_machine(L4), PlanRequest(quant="nf4"))
-    config = quantization_config_for(plan)
+    config = bitsandbytes_config(plan.quantization, plan.compute_dtype)
     assert config.load_in_4bit and not config.load_in_8bit
     assert config.bnb_4bit_quant_type == "nf4"
     assert config.bnb_4bit_use_double_quant is True
@@ -61,18 +61,18 @@ def test_nf4_config_for_a_cuda_plan_is_the_qlora_recipe():
 
 def test_pre_ampere_gpu_computes_nf4_in_fp16():
     plan = plan_for(gpu_machine(T4), PlanRequest(quant="nf4"))
-    assert quantization_config_for(plan).bnb_4bit_compute_dtype == torch.float16
+    assert bitsandbytes_config(plan.quantization, plan.compute_dtype).bnb_4bit_compute_dtype == torch.float16
 
 
 def test_int8_config_is_llm_int8():
     plan = plan_for(gpu_machine(A100_80), PlanRequest(quant="int8"))
-    config = quantization_config_for(plan)
+    config = bitsandbytes_config(plan.quantization, plan.compute_dtype)
     assert config.load_in_8bit and not config.load_in_4bit
 
 
 @pytest.fixture(scope="module")
 def qlora_model(tmp_path_factory):
-    from cpuft.tiny_model import TinyModelSpec, build_tiny_model
+    from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 
     root = tmp_path_factory.mktemp("qlora")
     rows = conversation_rows(24, seed=1)
@@ -86,9 +86,9 @@ def qlora_model(tmp_path_factory):
 def test_nf4_loads_4bit_layers_and_trains_an_fp32_adapter_on_cpu(qlora_model, tmp_path):
     import bitsandbytes as bnb
 
-    from cpuft.config import resolve_config
-    from cpuft.probe import probe_machine
-    from cpuft.train import SFTRecipe
+    from cpuft.config.job import resolve_config
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.train.recipe import SFTRecipe
 
     model_dir, data = qlora_model
     config = resolve_config(None, dict(

@@ -38,8 +38,13 @@ from typing import Any
 
 import yaml
 
-from cpuft.config import (
-    CONFIG_FIELDS, SFTJobConfig, key_lines, load_yaml_with_nodes, resolve_config, typed_config_value,
+from cpuft.config.job import (
+    CONFIG_FIELDS,
+    SFTJobConfig,
+    key_lines,
+    load_yaml_with_nodes,
+    resolve_config,
+    typed_config_value,
 )
 from cpuft.errors import UserError
 
@@ -277,7 +282,7 @@ def _resolve_model(base: Path, value: str, check: bool) -> str:
 
 
 def _resolve_dataset(base: Path, value: str, check: bool) -> str:
-    from cpuft.data import LOCAL_SUFFIXES, SAMPLE_NAME
+    from cpuft.data.prepare import LOCAL_SUFFIXES, SAMPLE_NAME
 
     if value == SAMPLE_NAME:
         return value
@@ -295,7 +300,7 @@ def _resolve_dataset(base: Path, value: str, check: bool) -> str:
 
 def _check_rows(config: SFTJobConfig) -> None:
     """Read and convert a local dataset now, so a bad row stops the queue before any job runs."""
-    from cpuft.data import SAMPLE_NAME, convert_row, detect_format, load_rows
+    from cpuft.data.prepare import SAMPLE_NAME, convert_row, detect_format, load_rows
 
     if config.dataset != SAMPLE_NAME and not Path(config.dataset).is_file():
         return  # Hub dataset: only the job can reach it

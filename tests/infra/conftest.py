@@ -11,7 +11,6 @@ import shutil
 import sys
 
 import pytest
-
 from infra_support import INFRA, SCRIPTS, VAR_FILES
 
 # scripts/gcp holds plain modules (gce.py, plan_summary.py), not a package.

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from infra_support import INFRA, ROOT, VAR_FILES
 
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from infra_support import SCRIPTS, resources
 
 PROJECT = "my-project-id"

@@ -14,7 +14,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from infra_support import INFRA, ROOT, SCRIPTS, outputs
 
 SHELL_SCRIPTS = ["provision", "run", "fetch", "teardown", "setup-test-env", "test-infra"]

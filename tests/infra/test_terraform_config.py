@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from infra_support import INFRA, outputs, resources
 
 IAP_RANGE = "35.235.240.0/20"

@@ -1,0 +1,102 @@
+"""`cpuft bench`: cpuft against plain TRL (defaults, and tuned by hand) on the same job."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cpuft.errors import UserError
+
+EPILOG = """\
+Variants, each in its own process (same model, LoRA, data, max_length, optimizer, steps, seed):
+  trl_defaults  plain TRL SFTTrainer + PEFT with TRL's defaults (bf16 autocast, gradient
+                checkpointing on) -- what a newcomer runs
+  trl_tuned     plain TRL tuned by hand: fp32 unless bf16 is native, no checkpointing,
+                one thread per physical core
+  cpuft         cpuft's recipe with its plan for this machine
+  cpuft_fp32    added on AMX/AVX512-BF16 CPUs: cpuft forced to fp32, to show bf16 vs fp32
+
+Reported per variant: non-padding tokens/s, median step time, peak RSS, padding fraction,
+final train loss, held-out loss (same fp32 evaluation for all), MFU against this machine's
+measured matmul FLOP/s. Writes OUT/bench.json (ratios are top-level numbers) and OUT/bench.png.
+
+Timings are only as quiet as the machine: on a shared machine use --repeats 3 (variants run
+interleaved, medians reported).
+
+examples:
+  cpuft bench --size tiny --out bench-results/tiny            smoke test, ~1 minute
+  cpuft bench --size 100m --out bench-results/100m            the headline (~95M params)
+  cpuft bench --size 100m --variants trl_tuned,cpuft --repeats 3
+  cpuft bench --size 100m --onednn-verbose onednn.log         on AMX: which kernels ran
+"""
+
+
+def register(subparsers) -> None:
+    from cpuft.bench.runner import SIZES, VARIANTS
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure cpuft against plain TRL on the same job",
+        description="Run the same LoRA SFT job as plain TRL (defaults), plain TRL tuned for this CPU,"
+        " and cpuft; report tokens/s, step time, peak RSS, loss, MFU and the ratios.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--size", choices=list(SIZES), default="tiny",
+                        help="tiny: CI smoke test; 100m: ~95M-parameter headline (default %(default)s)")
+    parser.add_argument("--out", default=None, help="output directory (default bench-results/<size>)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the size's own)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of %(default)s")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every variant N times, interleaved; medians reported (default 1)")
+    parser.add_argument("--dataset", default=None,
+                        help="messages-format .jsonl to use instead of the synthetic LIMA-shaped data")
+    parser.add_argument("--onednn-verbose", metavar="FILE", default=None,
+                        help="run the cpuft variant with ONEDNN_VERBOSE=1 and write its output to FILE"
+                        " (shows AMX/AVX-512 kernels on Xeon)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from cpuft.bench.runner import BenchOptions, run_bench
+
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants:
+        raise UserError("--variants is empty; name at least one of trl_defaults, trl_tuned, cpuft.")
+    options = BenchOptions(
+        size=args.size,
+        out_dir=Path(args.out or f"bench-results/{args.size}"),
+        steps=args.steps,
+        variants=variants,
+        repeats=args.repeats,
+        dataset=args.dataset,
+        onednn_verbose=Path(args.onednn_verbose) if args.onednn_verbose else None,
+    )
+    report = run_bench(options, log=lambda msg: print(msg, flush=True))
+    print()
+    print(format_bench_table(report))
+    print(f"\nwrote {options.out_dir / 'bench.json'} and {options.out_dir / 'bench.png'}")
+    return 0
+
+
+def format_bench_table(report: dict) -> str:
+    head = f"{'variant':<14} {'dtype':<6} {'ckpt':<5} {'tok/s':>8} {'step s':>7} {'pad %':>6} {'RSS MiB':>8} {'eval loss':>9} {'MFU':>6}"
+    lines = [head, "-" * len(head)]
+    for name, run in report["variants"].items():
+        mfu = run.get("mfu_vs_measured_gemm")
+        lines.append(
+            f"{name:<14} {run['compute_dtype']:<6} {'on' if run['gradient_checkpointing'] else 'off':<5}"
+            f" {run['tokens_per_second']:>8.0f} {run['median_step_seconds']:>7.2f}"
+            f" {100 * (run['padding_fraction'] or 0):>6.1f} {run['peak_rss_bytes'] / 2**20:>8.0f}"
+            f" {run['eval_loss']:>9.4f} {'' if mfu is None else f'{mfu:.1%}':>6}"
+        )
+    gemm = report["gemm"]["fp32"]
+    lines.append(f"\nmeasured GEMM peak (fp32, {gemm['m']}x{gemm['k']}x{gemm['n']}, {gemm['threads']} threads):"
+                 f" {gemm['flops_per_second'] / 1e9:.1f} GFLOP/s")
+    for key in ("speedup_vs_trl_tuned", "speedup_vs_trl_defaults", "eval_loss_rel_diff_vs_trl_tuned",
+                "peak_rss_ratio_vs_trl_tuned", "bf16_speedup_vs_fp32"):
+        if report.get(key) is not None:
+            value = report[key]
+            lines.append(f"{key:<34} {value:+.2%}" if "diff" in key else f"{key:<34} {value:.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""`cpuft plan`: memory, time and cost of a fine-tuning run, from the model's config alone.
+
+Takes every `cpuft sft` flag (and --config), so the plan it prints is the one `cpuft sft` would
+check before loading weights; adds --method (full/lora/qlora), --tokens, --utilization and --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cpuft.config.job import (
+    CONFIG_FIELDS,
+    add_config_arguments,
+    read_config_file,
+    resolve_config,
+)
+from cpuft.errors import UserError
+
+EPILOG = """\
+What it counts: weights (by dtype or NF4/int8), gradients and optimizer states of what trains,
+activations kept for backward (less with --gradient-checkpointing), logits, and the runtime.
+No weights are loaded: the model is built from config.json on PyTorch's meta device.
+
+Time: tokens per epoch (from --dataset through the chat template, truncated to --max-length, or
+--tokens N) x FLOPs per token / (FLOP/s x utilisation). FLOP/s is a matmul measured here, or the
+declared peak of --machine-type; cost uses that type's hourly on-demand and spot prices.
+
+Exit status: 0 (also when the run would not fit: read 'fits' in --json); 2 bad input.
+
+examples:
+  cpuft plan --model models/tiny --dataset sample
+  cpuft plan --model ./llama-7b --method qlora --machine-type c3-standard-44 --tokens 2000000
+  cpuft plan --model ./llama-7b --method full --per-device-batch-size 1 --json
+  cpuft plan --list-machine-types
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="memory, time and cost of a run, before loading any weights",
+        description="Estimate the memory (weights, gradients, optimizer, activations), the time per"
+        " epoch and the cost of a fine-tuning run from the model's config alone.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file of `cpuft sft` config keys")
+    parser.add_argument(
+        "--method", choices=["lora", "qlora", "full"], default="lora",
+        help="full fine-tuning, a PEFT adapter (--peft-method, default lora) on unquantised weights,"
+        " or QLoRA (NF4 base weights; --quant int8 for LLM.int8) (default: lora)",
+    )
+    parser.add_argument("--tokens", type=int, metavar="N", help="training tokens per epoch (instead of counting --dataset)")
+    parser.add_argument(
+        "--utilization", type=float, metavar="X",
+        help="share of the FLOP/s figure training reaches (default: 0.5 of a measured matmul, 0.25 of a"
+        " declared CPU peak, 0.35 of a GPU peak)",
+    )
+    parser.add_argument("--json", action="store_true", help="print machine, plan, memory and time as JSON")
+    parser.add_argument("--list-machine-types", action="store_true", help="list the declared GCP machine types and exit")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from cpuft.planning.cloud import MACHINE_TYPES
+
+    if args.list_machine_types:
+        print(_machine_types_table(MACHINE_TYPES))
+        return 0
+    if args.utilization is not None and not 0 < args.utilization <= 1:
+        raise UserError(f"--utilization must be in (0, 1], got {args.utilization}.")
+    if args.tokens is not None and args.tokens < 1:
+        raise UserError(f"--tokens must be at least 1, got {args.tokens}.")
+    cli_values = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
+    config = resolve_config(args.config, cli_values)
+    dataset_given = "dataset" in cli_values or (args.config and "dataset" in read_config_file(args.config))
+    report = build_report(config, args.method, args.tokens, args.utilization, dataset_given)
+    if args.json:
+        print(json.dumps(report["json"], indent=2, default=str))
+    else:
+        print(report["text"])
+    return 0
+
+
+def build_report(config, method: str, tokens: int | None, utilization: float | None, dataset_given: bool) -> dict:
+    """Plan, memory and time for `config` (a resolved SFTJobConfig); {'text': ..., 'json': ...}."""
+    from dataclasses import replace
+
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.modeling import read_model_config
+    from cpuft.planning.cloud import MACHINE_TYPES, planned_epochs, time_for_run
+    from cpuft.planning.memory import plan_memory, settings_for_job, usable_capacity
+    from cpuft.planning.plan import PlanRequest, plan_for
+    from cpuft.planning.report import format_env_table
+
+    machine_type = MACHINE_TYPES[config.machine_type] if config.machine_type else None
+    machine = machine_type.as_machine() if machine_type else probe_machine()
+    model_config = read_model_config(config.model)
+    shape = _shape(model_config, config.model)
+    if method == "qlora" and config.quant in ("auto", "none"):
+        config = replace(config, quant="nf4")
+    if method == "full":
+        if config.quant not in ("auto", "none"):
+            raise UserError("--method full trains every weight and cannot use a quantised base (--quant); use --method qlora.")
+        config = replace(config, quant="none")
+    plan = plan_for(machine, PlanRequest.from_job(config, shape.total_params))
+    settings = settings_for_job(plan, config)
+    if method == "full":
+        settings = replace(settings, training="full")
+    capacity, label = usable_capacity(machine, plan.device)
+    if machine_type:
+        label = f"{label} of {machine_type.name}"
+    memory = plan_memory(shape, settings, capacity, label)
+
+    time_estimate, time_note = None, None
+    token_count, mean_seq_len = tokens, float(config.max_length)
+    if token_count is None:
+        try:
+            token_count, mean_seq_len = _count_dataset_tokens(config)
+        except UserError as exc:
+            if dataset_given:
+                raise
+            time_note = f"time not estimated: the default dataset is unavailable ({exc}); pass --dataset or --tokens N"
+    if token_count is not None:
+        epochs = planned_epochs(
+            config.max_steps, plan.effective_batch_size, token_count / mean_seq_len, config.num_train_epochs
+        )
+        time_estimate = time_for_run(
+            shape, settings, memory.trainable_params, token_count, epochs, mean_seq_len,
+            machine_type, plan.threads, utilization, datasheet_flops=plan.peak_flops,
+        )
+
+    where = machine_type.name if machine_type else "this machine"
+    text = [f"cpuft plan for {config.model} on {where}", "", format_env_table(machine, plan), "", memory.format()]
+    text.append("")
+    text.append(time_estimate.format() if time_estimate else time_note)
+    return {
+        "text": "\n".join(text),
+        "json": {
+            "model": config.model,
+            "machine_type": config.machine_type,
+            "machine": machine.to_dict(),
+            "plan": plan.to_dict(),
+            "memory": memory.to_dict(),
+            "time": time_estimate.to_dict() if time_estimate else None,
+            "time_note": time_note,
+        },
+    }
+
+
+def _shape(model_config, model: str):
+    from cpuft.planning.memory import model_shape
+
+    try:
+        return model_shape(model_config)
+    except Exception as exc:
+        raise UserError(
+            f"cannot size '{model}' from its config ({type(exc).__name__}: {exc}); cpuft plan supports"
+            " architectures transformers can build from config.json."
+        ) from None
+
+
+def _count_dataset_tokens(config) -> tuple[int, float]:
+    from transformers import AutoTokenizer
+
+    from cpuft.data.prepare import prepare_dataset
+    from cpuft.planning.cloud import tokens_per_epoch
+
+    data = prepare_dataset(
+        config.dataset, row_format=config.dataset_format, split=config.dataset_split,
+        eval_fraction=config.eval_fraction, max_samples=config.max_samples, seed=config.seed,
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer of '{config.model}' to count tokens: {exc}; pass --tokens N.") from None
+    return tokens_per_epoch(data.train, tokenizer, config.max_length)
+
+
+def _machine_types_table(types) -> str:
+    lines = [f"{'machine type':<16} {'vCPU':>5} {'RAM GB':>7} {'GPU':<22} {'peak TFLOP/s':<24} {'$/h':>6} {'spot $/h':>8}"]
+    for m in types.values():
+        gpu = f"{m.gpu.name.replace('NVIDIA ', '')} {m.gpu.total_memory_bytes / 2**30:.0f} GiB" if m.gpu else "-"
+        peaks = ", ".join(f"{k} {v / 1e12:.1f}" for k, v in m.peak_flops.items())
+        star = "~" if m.prices_approximate else " "
+        lines.append(
+            f"{m.name:<16} {m.vcpus:>5} {m.ram_bytes / 1e9:>7.0f} {gpu:<22} {peaks:<24}"
+            f" {star}{m.on_demand_usd_per_hour:>5.2f} {star}{m.spot_usd_per_hour:>7.2f}"
+        )
+    lines.append("~ approximate us-central1 price; c3-standard-22/44 from early-2025 price data. Prices change.")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""`cpuft sft`: LoRA/QLoRA supervised fine-tuning with a hardware plan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from cpuft.config.job import CONFIG_FIELDS, add_config_arguments, resolve_config
+from cpuft.errors import EXIT_INTERRUPTED, UserError
+
+EPILOG = """\
+Every option is also a YAML key (use underscores): values come from defaults < --config FILE <
+flags. The plan (device, dtype, threads, batch, ...) is printed before training with a reason for
+each choice; `cpuft env` shows it without training.
+
+Run directory: adapter/ (stock PEFT loads it), config.yaml, plan.json, metrics.jsonl,
+tensorboard/, loss_curve.png, summary.json, checkpoint-N/.
+
+Exit status: 0 done; 1 failed; 2 bad input; 75 stopped by SIGTERM/SIGINT after saving a
+checkpoint (run again with --resume --output-dir DIR).
+
+examples:
+  cpuft sft --model models/tiny --dataset sample --max-steps 60
+  cpuft sft --model Qwen/Qwen2.5-0.5B-Instruct --dataset ./lima/train.jsonl --device auto
+  cpuft sft --config job.yaml --lora-r 32
+  cpuft sft --output-dir runs/job1 --resume
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sft",
+        help="fine-tune a LoRA adapter (supervised)",
+        description="Supervised fine-tuning of a LoRA adapter with TRL's SFTTrainer, planned for this machine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config keys")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --output-dir from its last checkpoint (its saved config is the base)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate config, data and model, print the plan, do not train")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs and batch jobs)")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.train.recipe import SFTRecipe
+
+    cli_values = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
+    base = None
+    if args.resume:
+        if "output_dir" not in cli_values:
+            raise UserError("--resume needs --output-dir: the run directory to continue.")
+        base = _saved_config(Path(cli_values["output_dir"]))
+    config = resolve_config(args.config, cli_values, base=base)
+
+    recipe = SFTRecipe(config, probe_machine(), resume=args.resume, show_progress=not args.no_progress)
+    recipe.setup()
+    data = recipe.data
+    print(
+        f"\ndata: {data.source} ({data.row_format}), {len(data.train)} train / "
+        f"{len(data.eval) if data.eval is not None else 0} eval rows"
+    )
+    print(f"run directory: {recipe.run_dir}\n", flush=True)
+    if args.dry_run:
+        print("dry run: nothing trained, nothing written.")
+        return 0
+
+    result = recipe.train()
+    summary = result.summary
+    print()
+    if result.status == "interrupted":
+        print(
+            f"interrupted at step {summary['steps']}: checkpoint saved in {result.run_dir}."
+            f" Continue with: cpuft sft --output-dir {result.run_dir} --resume"
+        )
+        return EXIT_INTERRUPTED
+    loss_line = f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "no loss logged"
+    eval_line = f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
+    mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
+    print(
+        f"done: {summary['steps']} steps in {summary['train_seconds']:.1f} s, {loss_line}{eval_line},"
+        f" {summary['train_tokens_per_second']:.0f} tokens/s{mfu}, peak RSS {summary['peak_rss_mib']:.0f} MiB"
+    )
+    print(f"adapter: {summary['adapter_dir']}  (summary: {result.run_dir / 'summary.json'})")
+    sys.stdout.flush()
+    return 0
+
+
+def _saved_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume: {run_dir} is not a cpuft run directory (no config.yaml).")
+    saved = yaml.safe_load(path.read_text()) or {}
+    return {k: v for k, v in saved.items() if k in CONFIG_FIELDS}

@@ -1,1 +1,0 @@
-"""One module per `cpuft` subcommand; each has `register(subparsers)` and parses, validates, hands off."""

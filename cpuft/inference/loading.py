@@ -1,0 +1,372 @@
+"""Load a fine-tune for answering: base + LoRA adapter, or a merged model; generate, stream, score.
+
+What `--model` may name (`resolve_source`):
+- a cpuft run directory (has config.yaml / summary.json): its adapter/ is used;
+- an adapter directory (adapter_config.json: a run's adapter/ or any checkpoint-N/);
+- a model directory or Hub id (config.json): a merged model or any stock causal LM.
+
+The base model of an adapter is the one recorded in adapter_config.json unless `base` is given.
+Before an adapter is applied, every module it targets is checked against the base model (present,
+same in/out features), so an adapter for another base fails with a message, not a shape trace.
+The tokenizer comes from the adapter directory (cpuft saves it there) or else from the base.
+
+Precision: fp32 / bf16 weights (`dtype`), `int8=<method>` (the adapter is merged first, then
+`cpuft.inference.int8` quantises every linear layer), or `nf4=True` (bitsandbytes 4-bit base, adapter on
+top; the CUDA path, also runs on x86 CPUs).
+
+Raises UserError (exit 2) for: a run directory without adapter/, a missing adapter or model, an
+adapter that does not fit the base, a missing tokenizer, an unusable int8 method.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cpuft.dtypes import torch_dtype
+from cpuft.errors import UserError, first_line
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights of a fine-tune live, resolved from what the user passed."""
+
+    kind: Literal["adapter", "model"]
+    given: str  # what the user passed, for messages
+    model: str  # the base model (kind "adapter") or the model itself (kind "model")
+    adapter_dir: Path | None = None
+
+    @property
+    def tokenizer_candidates(self) -> list[str]:
+        return ([str(self.adapter_dir)] if self.adapter_dir else []) + [self.model]
+
+    def describe(self) -> str:
+        if self.kind == "adapter":
+            return f"{self.model} + adapter {self.adapter_dir}"
+        return self.model
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    precision: str  # "fp32", "bf16", "int8 (torch-dynamic)", "nf4", ...
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("config.yaml", "summary.json", "plan.json"))
+
+
+def resolve_source(given: str, base: str | None = None) -> ModelSource:
+    """Work out what `given` is (run dir, adapter dir, model dir or Hub id) and which base it needs."""
+    path = Path(given).expanduser()
+    if path.is_dir() and is_run_dir(path) and not (path / ADAPTER_CONFIG).is_file():
+        adapter = path / "adapter"
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise UserError(_no_adapter_message(path))
+        path = adapter
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
+        return ModelSource("adapter", given, _adapter_base(path, base), adapter_dir=path.resolve())
+    if path.is_dir() and (path / "config.json").is_file():
+        if base:
+            raise UserError(f"{given} is a full model (config.json, no {ADAPTER_CONFIG}); --base is only for adapters.")
+        return ModelSource("model", given, str(path.resolve()))
+    if path.is_dir():
+        raise UserError(
+            f"{given} is neither a cpuft run directory, an adapter directory ({ADAPTER_CONFIG}) nor"
+            " a model directory (config.json). Pass the run directory of `cpuft sft`, its adapter/,"
+            " or the output of `cpuft merge`."
+        )
+    if given.startswith((".", "/", "~")) or path.suffix:
+        raise UserError(f"model {given} does not exist.")
+    return ModelSource("model", given, given)  # a Hub id; loading says whether it is reachable
+
+
+def _no_adapter_message(run_dir: Path) -> str:
+    checkpoints = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if (p / ADAPTER_CONFIG).is_file()),
+        key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1,
+    )
+    status = None
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            status = json.loads(summary.read_text()).get("status")
+        except (json.JSONDecodeError, OSError):
+            pass
+    checkpoint_hint = f", or use its last checkpoint's adapter: --model {checkpoints[-1]}" if checkpoints else ""
+    if status == "completed":
+        return (
+            f"run directory {run_dir} has no adapter/ although its summary says the run completed:"
+            f" the adapter was moved or deleted. Point --model at the adapter's new place{checkpoint_hint}."
+        )
+    return (
+        f"run directory {run_dir} has no adapter/: the run did not finish. Continue it with"
+        f" `cpuft sft --output-dir {run_dir} --resume`{checkpoint_hint}."
+    )
+
+
+def _read_adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}).") from None
+    if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise UserError(f"adapter directory {adapter_dir} has {ADAPTER_CONFIG} but no adapter_model.safetensors.")
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{path}: peft_type is {config.get('peft_type')!r}; cpuft loads LoRA adapters only.")
+    return config
+
+
+def _adapter_base(adapter_dir: Path, base: str | None) -> str:
+    config = _read_adapter_config(adapter_dir)
+    if base:
+        return str(Path(base).expanduser().resolve()) if Path(base).expanduser().is_dir() else base
+    recorded = config.get("base_model_name_or_path")
+    if not recorded:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} does not name its base model; pass --base MODEL.")
+    looks_like_path = recorded.startswith(("/", ".", "~")) or Path(recorded).expanduser().exists()
+    if looks_like_path and not (Path(recorded).expanduser() / "config.json").is_file():
+        raise UserError(
+            f"the adapter in {adapter_dir} was trained on {recorded}, which is not there any more;"
+            " pass --base with the same base model's directory or Hub id."
+        )
+    return recorded
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_for_inference(
+    source: ModelSource,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    int8: str | None = None,
+    nf4: bool = False,
+    merge: bool = False,
+) -> LoadedModel:
+    """Load tokenizer and model for `source`, checked and ready for `generate`/`evaluate_loss`.
+
+    `merge=True` folds the adapter into the base weights (faster per token, no PEFT at run time);
+    int8 implies it.
+    """
+
+    if int8 and nf4:
+        raise UserError("--int8 and --nf4 are two different quantisations; choose one.")
+    if int8 and device != "cpu":
+        raise UserError("--int8 is the CPU inference path; on CUDA use --nf4.")
+    tokenizer = load_tokenizer(source)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
+    if nf4:
+        from cpuft.modeling import bitsandbytes_config
+
+        kwargs["quantization_config"] = bitsandbytes_config("nf4", dtype)
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    if int8:
+        # Read weights into memory: mapped checkpoint pages would stay resident (and counted in
+        # RSS) after quantisation drops the float weights they back.
+        kwargs["disable_mmap"] = True
+    model = _load_model_weights(source.model, kwargs, what="base model" if source.kind == "adapter" else "model")
+    if device == "cuda" and not nf4:
+        model = model.to("cuda")
+    notes = []
+    if source.kind == "adapter":
+        check_adapter_fits(source.adapter_dir, model)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(source.adapter_dir))
+        if merge or int8:
+            if nf4:
+                notes.append("adapter kept unmerged: merging into 4-bit weights would round it away")
+            else:
+                model = model.merge_and_unload()
+    model.eval()
+    precision = "nf4" if nf4 else dtype
+    if int8:
+        from cpuft.inference.int8 import quantize_for_cpu_inference
+
+        quantize_for_cpu_inference(model, int8)
+        precision = f"int8 ({int8})"
+    return LoadedModel(model, tokenizer, source, precision, notes)
+
+
+def _load_model_weights(name: str, kwargs: dict, what: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except Exception as exc:  # OSError for missing files, ValueError for bad configs, hub errors
+        raise UserError(f"cannot load the {what} '{name}': {first_line(exc)}") from None
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    for candidate in source.tokenizer_candidates:
+        if _has_tokenizer_files(candidate):
+            tokenizer = AutoTokenizer.from_pretrained(candidate)
+            break
+    else:
+        if source.kind == "model" and not Path(source.model).is_dir():
+            try:  # a Hub id: let transformers find (or fail to find) it
+                tokenizer = AutoTokenizer.from_pretrained(source.model)
+            except Exception as exc:
+                raise UserError(f"cannot load the tokenizer of '{source.model}': {exc}") from None
+        else:
+            places = " nor ".join(source.tokenizer_candidates)
+            raise UserError(
+                f"no tokenizer found in {places}. Copy the base model's tokenizer files"
+                " (tokenizer.json, tokenizer_config.json, special_tokens_map.json) into"
+                f" {source.tokenizer_candidates[0]}."
+            )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _has_tokenizer_files(candidate: str) -> bool:
+    path = Path(candidate)
+    if not path.is_dir():
+        return False
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model"))
+
+
+def check_adapter_fits(adapter_dir: Path, base_model) -> None:
+    """Raise UserError unless every LoRA matrix in `adapter_dir` fits a module of `base_model`.
+
+    Reads only the safetensors header (shapes), so a mismatch costs no weight loading.
+    """
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a .bin adapter: PEFT's own error will have to do
+    base_name = getattr(base_model.config, "_name_or_path", "the base model")
+    modules = dict(base_model.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module_path = key.split(".lora_")[0].removeprefix("base_model.model.")
+            shape = f.get_slice(key).get_shape()
+            module = modules.get(module_path)
+            if module is None:
+                raise UserError(
+                    f"the adapter in {adapter_dir} does not fit {base_name}: it adapts"
+                    f" '{module_path}', which that model does not have. It was trained on another"
+                    " base model; pass --base with the model it was trained on."
+                )
+            # lora_A is (r, in_features), lora_B is (out_features, r).
+            side, want, got = (
+                ("input", getattr(module, "in_features", None), shape[1]) if ".lora_A." in key
+                else ("output", getattr(module, "out_features", None), shape[0])
+            )
+            if want is not None and want != got:
+                raise UserError(
+                    f"the adapter in {adapter_dir} does not fit {base_name}: '{module_path}' has"
+                    f" {want} {side} features but the adapter expects {got}. It was trained on"
+                    " another base model; pass --base with the model it was trained on."
+                )
+
+
+# ----------------------------------------------------------------------------- generating
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def prompt_ids(tokenizer, messages: list[dict] | None = None, text: str | None = None, device: str = "cpu"):
+    """Token ids for a chat (via the chat template, with the assistant turn opened) or raw text."""
+    if messages is not None:
+        if not tokenizer.chat_template:
+            raise UserError(
+                "the tokenizer has no chat template, so a chat cannot be formatted. Use --raw to"
+                " continue plain text, or a chat/instruct model."
+            )
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    else:
+        ids = tokenizer(text, return_tensors="pt")
+    return {k: v.to(device) for k, v in ids.items() if k in ("input_ids", "attention_mask")}
+
+
+def generate(loaded: LoadedModel, settings: GenerationSettings, messages=None, text=None) -> str:
+    """The model's continuation (new tokens only, special tokens stripped)."""
+    import torch
+
+    inputs = prompt_ids(loaded.tokenizer, messages, text, device=device_of(loaded.model))
+    torch.manual_seed(settings.seed)
+    with torch.inference_mode():
+        output = loaded.model.generate(**inputs, **settings.generate_kwargs(loaded.tokenizer))
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return loaded.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+def stream(loaded: LoadedModel, settings: GenerationSettings, messages=None, text=None) -> Iterator[str]:
+    """Yield text pieces as they are generated (generation runs in a background thread)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    inputs = prompt_ids(loaded.tokenizer, messages, text, device=device_of(loaded.model))
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        torch.manual_seed(settings.seed)
+        try:
+            with torch.inference_mode():
+                loaded.model.generate(**inputs, **settings.generate_kwargs(loaded.tokenizer), streamer=streamer)
+        except BaseException as exc:  # re-raised in the caller's thread below
+            failure.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def device_of(model) -> str:
+    try:
+        return str(next(model.parameters()).device)
+    except StopIteration:
+        return "cpu"
+
+
+def split_prompt_reference(messages: list[dict]) -> tuple[list[dict], str]:
+    """A conversation -> (everything before the last assistant turn, that turn's text)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]

@@ -1,0 +1,305 @@
+"""How long a run takes and what it costs: declared cloud machine types, FLOPs per token, time, dollars.
+
+Machine types are GCP's, with declared figures a user can check: vCPUs, RAM, the accelerator,
+peak dense FLOP/s per dtype and the hourly us-central1 price (on-demand and spot). Peaks are
+theoretical (cores x all-core turbo x FLOP/cycle, or the GPU datasheet); real training reaches a
+fraction of them, which is why every estimate carries an explicit utilisation.
+
+Prices move. The c3-standard-22/44 figures are from early-2025 us-central1 price data; the others
+are labelled approximate. `--price-per-hour` overrides them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cpuft.hardware.probe import CudaDevice, Machine
+from cpuft.planning.flops import training_flops_per_token
+
+GB = 10**9
+GIB = 2**30
+
+SAPPHIRE_RAPIDS_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_f", "avx512_vnni", "avx2", "fma3")
+ICE_LAKE_FLAGS = ("avx512_f", "avx512_vnni", "avx2", "fma3")
+CASCADE_LAKE_FLAGS = ("avx512_f", "avx512_vnni", "avx2", "fma3")
+
+
+def _cpu_peaks(cores: int, ghz: float, amx: bool) -> dict[str, float]:
+    """cores x GHz x FLOP/cycle: AMX bf16 1024, AVX-512 fp32 64 (2 FMA units x 16 lanes x 2)."""
+    peaks = {"fp32": cores * ghz * 1e9 * 64}
+    if amx:
+        peaks["bf16"] = cores * ghz * 1e9 * 1024
+    return peaks
+
+
+@dataclass(frozen=True)
+class MachineType:
+    name: str
+    vcpus: int
+    ram_bytes: int
+    cpu_name: str
+    cpu_flags: tuple[str, ...]
+    cpu_ghz: float  # all-core turbo
+    peak_flops: dict[str, float]  # dtype -> dense peak FLOP/s of the device that trains
+    on_demand_usd_per_hour: float
+    spot_usd_per_hour: float
+    prices_approximate: bool = True
+    gpu: CudaDevice | None = None
+    note: str = ""
+
+    @property
+    def physical_cores(self) -> int:
+        return self.vcpus // 2  # GCP x86 vCPUs are hyperthreads, 2 per core
+
+    def as_machine(self) -> Machine:
+        """A synthetic Machine, so the planner plans for this type as if cpuft had probed it."""
+        return Machine(
+            cpu_name=self.cpu_name,
+            cpu_flags=frozenset(self.cpu_flags),
+            physical_cores=self.physical_cores,
+            logical_cores=self.vcpus,
+            usable_cpus=self.vcpus,
+            ram_bytes=self.ram_bytes,
+            cpu_max_mhz=self.cpu_ghz * 1000,
+            torch_cpu_isa="AVX512",
+            cuda_devices=(self.gpu,) if self.gpu else (),
+        )
+
+    def peak_for(self, dtype: str) -> float | None:
+        return self.peak_flops.get(dtype)
+
+
+def _c3(vcpus: int, on_demand: float, spot: float, approximate: bool) -> MachineType:
+    return MachineType(
+        name=f"c3-standard-{vcpus}", vcpus=vcpus, ram_bytes=4 * vcpus * GB,
+        cpu_name="Intel Xeon Platinum 8481C (Sapphire Rapids)", cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.0,
+        peak_flops=_cpu_peaks(vcpus // 2, 3.0, amx=True), on_demand_usd_per_hour=on_demand,
+        spot_usd_per_hour=spot, prices_approximate=approximate,
+    )
+
+
+def _c4(vcpus: int) -> MachineType:
+    # Emerald Rapids, 3.1 GHz all-core; ~$0.0505 per vCPU-hour on demand, spot ~ 0.2x (approximate).
+    return MachineType(
+        name=f"c4-standard-{vcpus}", vcpus=vcpus, ram_bytes=int(3.75 * vcpus * GB),
+        cpu_name="Intel Xeon Platinum 8581C (Emerald Rapids)", cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.1,
+        peak_flops=_cpu_peaks(vcpus // 2, 3.1, amx=True),
+        on_demand_usd_per_hour=round(0.0505 * vcpus, 2), spot_usd_per_hour=round(0.0101 * vcpus, 2),
+    )
+
+
+def _n2(vcpus: int) -> MachineType:
+    # Ice Lake (AVX-512, no bf16 instructions), 3.1 GHz all-core; ~$0.0486/vCPU-hour (approximate).
+    return MachineType(
+        name=f"n2-standard-{vcpus}", vcpus=vcpus, ram_bytes=4 * vcpus * GB,
+        cpu_name="Intel Xeon (Ice Lake)", cpu_flags=ICE_LAKE_FLAGS, cpu_ghz=3.1,
+        peak_flops=_cpu_peaks(vcpus // 2, 3.1, amx=False),
+        on_demand_usd_per_hour=round(0.0486 * vcpus, 2), spot_usd_per_hour=round(0.0117 * vcpus, 2),
+    )
+
+
+MACHINE_TYPES: dict[str, MachineType] = {
+    m.name: m
+    for m in [
+        _c3(22, 1.11, 0.20, approximate=False),
+        _c3(44, 2.22, 0.41, approximate=False),
+        _c3(88, 4.44, 0.82, approximate=True),
+        *(_c4(n) for n in (8, 16, 32, 48, 96, 192)),
+        *(_n2(n) for n in (8, 16, 32, 64, 128)),
+        MachineType(
+            name="g2-standard-8", vcpus=8, ram_bytes=32 * GB, cpu_name="Intel Xeon (Cascade Lake)",
+            cpu_flags=CASCADE_LAKE_FLAGS, cpu_ghz=3.1, peak_flops={"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
+            on_demand_usd_per_hour=0.85, spot_usd_per_hour=0.34,
+            gpu=CudaDevice(name="NVIDIA L4", total_memory_bytes=24 * GB, bf16_supported=True, compute_capability="8.9"),
+        ),
+        MachineType(
+            name="a2-highgpu-1g", vcpus=12, ram_bytes=85 * GB, cpu_name="Intel Xeon (Cascade Lake)",
+            cpu_flags=CASCADE_LAKE_FLAGS, cpu_ghz=3.1, peak_flops={"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+            on_demand_usd_per_hour=3.67, spot_usd_per_hour=1.10,
+            gpu=CudaDevice(name="NVIDIA A100-SXM4-40GB", total_memory_bytes=40 * GIB, bf16_supported=True, compute_capability="8.0"),
+        ),
+        MachineType(
+            name="a3-highgpu-1g", vcpus=26, ram_bytes=234 * GB, cpu_name="Intel Xeon Platinum 8481C (Sapphire Rapids)",
+            cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.0, peak_flops={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+            on_demand_usd_per_hour=11.06, spot_usd_per_hour=3.50,
+            gpu=CudaDevice(name="NVIDIA H100 80GB HBM3", total_memory_bytes=80 * GIB, bf16_supported=True, compute_capability="9.0"),
+            note="a3-highgpu-1g is sold as spot / flex-start; on-demand figure is 1/8 of a3-highgpu-8g",
+        ),
+    ]
+}
+
+
+def machine_type(name: str) -> MachineType:
+    """Look up a declared machine type; raises KeyError with the known names."""
+    try:
+        return MACHINE_TYPES[name]
+    except KeyError:
+        raise KeyError(f"unknown machine type {name!r}; known: {', '.join(MACHINE_TYPES)}") from None
+
+
+# ----------------------------------------------------------------------------- time and cost
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    tokens: int  # trained tokens per epoch (non-padding, truncated to max_length)
+    epochs: float
+    flops_per_token: float
+    flops_per_second: float  # the figure the estimate divides by, before utilisation
+    flops_source: str  # "measured matmul" or "declared peak (c3-standard-44, bf16)"
+    utilization: float
+    seconds_per_epoch: float
+    usd_per_hour_on_demand: float | None = None
+    usd_per_hour_spot: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds_per_epoch * self.epochs
+
+    @property
+    def cost_on_demand(self) -> float | None:
+        return None if self.usd_per_hour_on_demand is None else self.total_seconds / 3600 * self.usd_per_hour_on_demand
+
+    @property
+    def cost_spot(self) -> float | None:
+        return None if self.usd_per_hour_spot is None else self.total_seconds / 3600 * self.usd_per_hour_spot
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens_per_epoch": self.tokens,
+            "epochs": self.epochs,
+            "flops_per_token": self.flops_per_token,
+            "flops_per_second": self.flops_per_second,
+            "flops_source": self.flops_source,
+            "utilization": self.utilization,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "total_seconds": self.total_seconds,
+            "usd_per_hour_on_demand": self.usd_per_hour_on_demand,
+            "usd_per_hour_spot": self.usd_per_hour_spot,
+            "cost_usd_on_demand": self.cost_on_demand,
+            "cost_usd_spot": self.cost_spot,
+            "notes": list(self.notes),
+        }
+
+    def format(self) -> str:
+        lines = [
+            f"Time plan: {self.tokens:,} tokens/epoch x {self.epochs:.3g} epoch(s),"
+            f" {self.flops_per_token / 1e9:,.2f} GFLOP/token",
+            f"  FLOP/s         {self.flops_per_second / 1e12:,.3f} TFLOP/s ({self.flops_source})"
+            f" at {self.utilization:.0%} utilisation",
+            f"  per epoch      {format_duration(self.seconds_per_epoch)}",
+            f"  total          {format_duration(self.total_seconds)}",
+        ]
+        if self.cost_on_demand is not None:
+            lines.append(
+                f"  cost           ${self.cost_on_demand:,.2f} on demand (${self.usd_per_hour_on_demand:.2f}/h),"
+                f" ${self.cost_spot:,.2f} spot (${self.usd_per_hour_spot:.2f}/h)"
+            )
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def estimate_run_time(
+    tokens: int, epochs: float, flops_per_token: float, flops_per_second: float, flops_source: str,
+    utilization: float, machine: MachineType | None = None, notes: tuple[str, ...] = (),
+) -> TimeEstimate:
+    seconds = tokens * flops_per_token / (flops_per_second * utilization)
+    all_notes = list(notes)
+    if machine is not None and machine.prices_approximate:
+        all_notes.append(f"{machine.name} prices are approximate us-central1 figures; pass --price-per-hour to override")
+    if machine is not None and machine.note:
+        all_notes.append(machine.note)
+    return TimeEstimate(
+        tokens=tokens, epochs=epochs, flops_per_token=flops_per_token, flops_per_second=flops_per_second,
+        flops_source=flops_source, utilization=utilization, seconds_per_epoch=seconds,
+        usd_per_hour_on_demand=machine.on_demand_usd_per_hour if machine else None,
+        usd_per_hour_spot=machine.spot_usd_per_hour if machine else None,
+        notes=tuple(all_notes),
+    )
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def count_training_tokens(dataset, tokenizer, max_length: int) -> int:
+    """Tokens the trainer will see in one epoch: each conversation through the chat template,
+    truncated to max_length (as TRL truncates). Padding is not counted: it is not trained on."""
+    total = 0
+    for row in dataset:
+        if "messages" in row and row["messages"] is not None and tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(row.get("text", ""))["input_ids"]
+        total += min(len(ids), max_length)
+    return total
+
+
+# Rows tokenized to size an epoch before training; the rest is extrapolated (tokenizing every row
+# of a large dataset would delay the start for a planning figure).
+TOKEN_COUNT_SAMPLE_ROWS = 2000
+
+
+def tokens_per_epoch(dataset, tokenizer, max_length: int) -> tuple[int, float]:
+    """(trained tokens per epoch, mean tokens per row), from the first TOKEN_COUNT_SAMPLE_ROWS rows."""
+    sample = dataset.select(range(min(len(dataset), TOKEN_COUNT_SAMPLE_ROWS)))
+    per_row = count_training_tokens(sample, tokenizer, max_length) / max(1, len(sample))
+    return round(per_row * len(dataset)), per_row
+
+
+def planned_epochs(max_steps: int, effective_batch_size: int, rows_per_epoch: float, num_train_epochs: float) -> float:
+    """Epochs the run will cover: max_steps (when set, > 0) wins over num_train_epochs, as in the Trainer."""
+    if max_steps > 0:
+        return max_steps * effective_batch_size / max(1.0, rows_per_epoch)
+    return num_train_epochs
+
+
+# Share of the FLOP/s figure training reaches. A large square GEMM is the best case; training adds
+# skinny matmuls, attention, norms, the optimizer and data handling. Declared peaks are further
+# from reality (AMX rarely sustains its datasheet rate on training-sized matmuls).
+UTILIZATION_OF_MEASURED_MATMUL = 0.5
+UTILIZATION_OF_DECLARED_PEAK = {"cpu": 0.25, "cuda": 0.35}
+
+
+def time_for_run(
+    shape, settings, trainable_params: int, tokens: int, epochs: float, mean_seq_len: float,
+    machine: MachineType | None, threads: int, utilization: float | None = None,
+    datasheet_flops: float | None = None,
+) -> TimeEstimate:
+    """Time (and cost on a declared machine type) for one run; measures a matmul when no peak
+    is declared. `shape` is a memory.ModelShape, `settings` a memory.RunSettings."""
+    output_head_matmul = shape.vocab_size * shape.hidden_size  # tied or not, the head is a matmul
+    flops_per_token = training_flops_per_token(
+        shape.linear_params + output_head_matmul, trainable_params, shape.num_layers, shape.hidden_size,
+        mean_seq_len, full_finetune=settings.training == "full",
+        gradient_checkpointing=settings.gradient_checkpointing,
+    )
+    device = settings.device
+    if machine is not None:
+        peak = machine.peak_for(settings.compute_dtype) or machine.peak_for("fp32")
+        source = f"declared peak, {machine.name} {settings.compute_dtype}"
+        default_utilization = UTILIZATION_OF_DECLARED_PEAK[device]
+    elif device == "cuda" and datasheet_flops:
+        peak, source = datasheet_flops, "GPU datasheet peak"
+        default_utilization = UTILIZATION_OF_DECLARED_PEAK["cuda"]
+    else:
+        from cpuft.hardware.gemm import measure_gemm_flops
+
+        peak = measure_gemm_flops(1024, 1024, 1024, settings.compute_dtype, threads).flops_per_second
+        source = f"measured {settings.compute_dtype} 1024^3 matmul on this machine, {threads} threads"
+        default_utilization = UTILIZATION_OF_MEASURED_MATMUL
+    notes = []
+    if settings.quantization != "none" and device == "cpu":
+        notes.append("QLoRA on CPU dequantises weights every matmul; expect it slower than this FLOP count says")
+    return estimate_run_time(
+        tokens, epochs, flops_per_token, peak, source, utilization or default_utilization, machine, tuple(notes),
+    )

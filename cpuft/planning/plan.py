@@ -1,0 +1,454 @@
+"""The planner: (machine facts, user request) -> a frozen, printable Plan with a reason per choice.
+
+`plan_for` is pure: no hardware probing, no I/O, no torch. Everything downstream (trainer,
+summary, `cpuft env`) reads the Plan and never decides hardware questions again.
+
+Rules (each is a measured fact, see README "Why the plan says what it says"):
+- CPU with AMX or AVX-512-BF16: bf16 autocast, base weights loaded in bf16 (stock PyTorch sends
+  bf16 matmuls to oneDNN's AMX kernels).
+- CPU with AVX2 only: fp32. bf16 is emulated there and ran 2.5-3x slower.
+- CUDA: bf16 where the GPU has it (Ampere+), else fp16; NF4 QLoRA when asked or when bf16 weights
+  would not fit in GPU memory.
+- Gradient checkpointing off unless memory requires it: it recomputes the forward pass (~1.5x
+  slower measured here).
+- One compute thread per physical core: hyperthreads share the FMA/AMX units and only add
+  contention.
+
+Raises PlanError for requests that cannot work (cuda without a GPU, fp16 on a CPU without
+AMX-FP16, bf16 on a GPU without it); returns warnings for requests that work but are slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cpuft.config.choices import DeviceRequest, DtypeRequest, QuantRequest
+from cpuft.dtypes import DTYPE_BYTES
+from cpuft.errors import PlanError
+from cpuft.hardware.probe import Machine
+
+# Fraction of GPU memory bf16 weights may take before the planner switches to NF4: the rest is
+# needed for activations, LoRA optimizer state and the CUDA context.
+GPU_WEIGHTS_BUDGET = 0.6
+
+# Dense peak FLOP/cycle/core by compute path (2 FMA units per core on every listed x86 core).
+CPU_FLOP_PER_CYCLE = {
+    "amx_bf16": 1024,  # AMX: 512 bf16 FMA per cycle per core
+    "avx512_bf16": 128,  # VDPBF16PS: 2 units x 16 fp32 lanes x 2 products, FMA
+    "avx512_fp32": 64,
+    "avx2_fp32": 32,
+}
+# Dense bf16/fp16 tensor-core peaks (datasheets, no sparsity); fp32 is not the target on GPUs.
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "T4": 65.0,
+    "V100": 125.0,
+}
+DEFAULT_CPU_MHZ = 2000.0
+# Attention implementations whose masks honour packed position_ids, so packed samples stay apart
+# (why: the docstring of cpuft.data.packing; proof: tests/test_packing.py).
+PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# torch.compile (inductor) on CPU: ~45 s of warm-up with fixed shapes (FACTS.md); with SFT's
+# varying sequence lengths it recompiles per new shape: 20 tiny-model steps took 490 s compiled
+# vs 41 s eager (shared machine), steady steps then ~12 % faster. It repays only very long runs,
+# and step time is unknown before the run, so the rule counts steps.
+COMPILE_WARMUP_SECONDS = 45.0
+COMPILE_STEADY_GAIN = 0.11
+COMPILE_MIN_STEPS_CPU = 5000
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user asked for; 'auto' and None leave the choice to the planner."""
+
+    device: DeviceRequest = "auto"
+    dtype: DtypeRequest = "auto"
+    quant: QuantRequest = "auto"
+    threads: int | None = None
+    per_device_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    gradient_checkpointing: bool | None = None
+    packing: bool = False
+    attn_implementation: str | None = None
+    max_steps: int | None = None  # sizes the torch.compile decision; None or -1: unknown
+    torch_compile: bool | None = None
+    model_params: int | None = None  # from the model's config, when known; sizes the NF4 decision
+
+    @classmethod
+    def from_job(cls, job, model_params: int | None = None) -> PlanRequest:
+        """The hardware request inside a job config (`cpuft.config.job.SFTJobConfig`)."""
+        return cls(
+            device=job.device,
+            dtype=job.dtype,
+            quant=job.quant,
+            threads=job.threads,
+            per_device_batch_size=job.per_device_batch_size,
+            gradient_accumulation_steps=job.gradient_accumulation_steps,
+            gradient_checkpointing=job.gradient_checkpointing,
+            packing=job.packing,
+            attn_implementation=job.attn_implementation,
+            max_steps=job.max_steps,
+            torch_compile=job.torch_compile,
+            model_params=model_params,
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: Literal["cpu", "cuda"]
+    compute_dtype: Literal["fp32", "bf16", "fp16"]
+    weights_dtype: Literal["fp32", "bf16", "fp16"]
+    quantization: Literal["none", "nf4", "int8"]
+    threads: int
+    attn_implementation: str
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    packing: bool
+    length_grouping: bool
+    peak_flops: float | None
+    reasons: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    torch_compile: bool = False
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["dtype"] = self.compute_dtype  # the short name scripts look for
+        data["warnings"] = list(self.warnings)
+        data["effective_batch_size"] = self.effective_batch_size
+        return data
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(choice, value, why) rows for a table."""
+        peak = f"{self.peak_flops / 1e12:.2f} TFLOP/s" if self.peak_flops else "unknown"
+        values = {
+            "device": self.device,
+            "compute_dtype": self.compute_dtype,
+            "weights_dtype": self.weights_dtype,
+            "quantization": self.quantization,
+            "threads": str(self.threads),
+            "attn_implementation": self.attn_implementation,
+            "batch": f"{self.per_device_batch_size} x {self.gradient_accumulation_steps} accumulation"
+            f" = {self.effective_batch_size}",
+            "gradient_checkpointing": "on" if self.gradient_checkpointing else "off",
+            "packing": "on" if self.packing else "off",
+            "length_grouping": "on" if self.length_grouping else "off",
+            "torch_compile": "on" if self.torch_compile else "off",
+            "peak_flops": peak,
+        }
+        return [(name, value, self.reasons.get(name, "")) for name, value in values.items()]
+
+
+def plan_for(machine: Machine, request: PlanRequest) -> Plan:
+    """Choose how to run on `machine`. Pure: the same inputs always give the same Plan."""
+    reasons: dict[str, str] = {}
+    warnings: list[str] = []
+
+    device = _choose_device(machine, request.device, reasons)
+    if device == "cuda":
+        gpu = machine.cuda_devices[0]
+        compute_dtype = _choose_cuda_dtype(gpu, request.dtype, reasons)
+        quantization = _choose_cuda_quant(gpu, request, reasons)
+    else:
+        compute_dtype = _choose_cpu_dtype(machine, request.dtype, reasons, warnings)
+        quantization = _choose_cpu_quant(request.quant, reasons, warnings, machine, request, compute_dtype)
+    weights_dtype = compute_dtype
+    reasons["weights_dtype"] = (
+        "the base model is frozen under LoRA, so it needs no fp32 master copy: half the memory"
+        " and no per-step cast"
+        if weights_dtype != "fp32"
+        else "fp32 end to end"
+    )
+    if quantization != "none":
+        reasons["weights_dtype"] = f"{quantization} storage, dequantised to {compute_dtype} for compute"
+
+    threads = _choose_threads(machine, request.threads, reasons, warnings)
+
+    reasons["attn_implementation"] = (
+        "requested" if request.attn_implementation else
+        "PyTorch SDPA: fused attention on CPU and CUDA without extra packages"
+    )
+    attn = request.attn_implementation or "sdpa"
+
+    default_batch, default_accumulation = (8, 2) if device == "cuda" else (4, 4)
+    batch = request.per_device_batch_size or default_batch
+    accumulation = request.gradient_accumulation_steps or default_accumulation
+    if batch < 1 or accumulation < 1:
+        raise PlanError(
+            f"per_device_batch_size ({batch}) and gradient_accumulation_steps ({accumulation})"
+            " must be at least 1."
+        )
+    reasons["batch"] = (
+        "requested"
+        if request.per_device_batch_size and request.gradient_accumulation_steps
+        else f"default for {device}: small micro-batches keep padding low, accumulation keeps"
+        " the optimizer batch at 16"
+    )
+
+    if request.gradient_checkpointing is not None:
+        checkpointing = request.gradient_checkpointing
+        reasons["gradient_checkpointing"] = "requested"
+        if checkpointing and device == "cpu":
+            warnings.append(
+                "gradient checkpointing recomputes the forward pass: about 1.5x slower on CPU;"
+                " use it only when memory is short."
+            )
+    elif quantization == "nf4":
+        checkpointing = True
+        reasons["gradient_checkpointing"] = "QLoRA is chosen to save memory; checkpointing saves more"
+    else:
+        checkpointing = False
+        reasons["gradient_checkpointing"] = (
+            "off: it recomputes the forward pass (~1.5x slower measured) and memory is not short"
+        )
+
+    if request.packing:
+        if attn not in PACKING_SAFE_ATTENTION:
+            raise PlanError(
+                f"packing with attn_implementation {attn!r} could let attention cross sample"
+                f" boundaries; use one of {', '.join(PACKING_SAFE_ATTENTION)} or turn packing off."
+            )
+        reasons["packing"] = (
+            "requested: whole samples fill rows of max_length; position_ids restart per sample and"
+            f" {attn}'s mask keeps samples apart (per-sample loss packed = unpacked, tests/test_packing.py)"
+        )
+        if request.per_device_batch_size is None:
+            # TRL flattens a packed micro-batch into one sequence; attention work grows with its square.
+            batch = 1
+            reasons["batch"] = "packing: one packed row of max_length tokens per micro-batch, accumulated"
+        elif batch > 1:
+            warnings.append(
+                f"packing with per_device_batch_size {batch}: TRL joins the {batch} packed rows into one"
+                f" sequence of {batch} x max_length tokens and attention costs grow with its square;"
+                " per_device_batch_size 1 with more accumulation is faster."
+            )
+        length_grouping = False
+        reasons["length_grouping"] = "off: packed rows hold no padding"
+    else:
+        length_grouping = True
+        reasons["packing"] = (
+            "off (packing: true turns it on): length grouping keeps padding low and each optimizer"
+            " step a fixed number of samples"
+        )
+        reasons["length_grouping"] = (
+            "rows ordered so each micro-batch holds similar lengths: little compute spent on padding"
+        )
+    torch_compile = _choose_compile(request, device, reasons)
+
+    peak = _peak_flops(machine, device, compute_dtype, threads, reasons)
+    return Plan(
+        device=device,
+        compute_dtype=compute_dtype,
+        weights_dtype=weights_dtype,
+        quantization=quantization,
+        threads=threads,
+        attn_implementation=attn,
+        per_device_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        gradient_checkpointing=checkpointing,
+        packing=request.packing,
+        length_grouping=length_grouping,
+        peak_flops=peak,
+        reasons=reasons,
+        warnings=tuple(warnings),
+        torch_compile=torch_compile,
+    )
+
+
+def _choose_compile(request: PlanRequest, device: str, reasons: dict) -> bool:
+    if request.torch_compile is not None:
+        reasons["torch_compile"] = "requested"
+        return request.torch_compile
+    if device == "cpu" and request.max_steps and request.max_steps >= COMPILE_MIN_STEPS_CPU:
+        reasons["torch_compile"] = (
+            f"auto: {request.max_steps} steps is long enough to repay inductor's warm-up"
+            f" (~{COMPILE_WARMUP_SECONDS:.0f} s plus a recompile per new sequence length, then"
+            f" ~{COMPILE_STEADY_GAIN:.0%} faster steps)"
+        )
+        return True
+    reasons["torch_compile"] = (
+        f"off: inductor's warm-up (~{COMPILE_WARMUP_SECONDS:.0f} s, more as sequence lengths vary) is repaid only by runs of"
+        f" {COMPILE_MIN_STEPS_CPU}+ steps; ask with torch_compile: true"
+    )
+    return False
+
+
+def _choose_device(machine: Machine, requested: str, reasons: dict) -> str:
+    if requested == "cuda":
+        if not machine.cuda_devices:
+            raise PlanError(
+                "--device cuda was requested but this machine has no CUDA GPU visible to PyTorch"
+                " (torch.cuda.is_available() is False). Use --device auto or --device cpu."
+            )
+        reasons["device"] = f"requested; {machine.cuda_devices[0].name}"
+        return "cuda"
+    if requested == "cpu":
+        reasons["device"] = "requested"
+        return "cpu"
+    if requested != "auto":
+        raise PlanError(f"unknown device {requested!r}: choose auto, cpu or cuda.")
+    if machine.cuda_devices:
+        reasons["device"] = f"auto: found CUDA GPU {machine.cuda_devices[0].name}"
+        return "cuda"
+    reasons["device"] = f"auto: no CUDA GPU; CPU is {machine.cpu_summary}"
+    return "cpu"
+
+
+def _choose_cpu_dtype(machine: Machine, requested: str, reasons: dict, warnings: list) -> str:
+    if requested == "auto":
+        if machine.has("amx_bf16"):
+            reasons["compute_dtype"] = "auto: CPU has AMX-BF16, PyTorch runs bf16 matmuls on AMX tiles"
+            return "bf16"
+        if machine.has("avx512_bf16"):
+            reasons["compute_dtype"] = "auto: CPU has AVX-512-BF16, bf16 runs natively"
+            return "bf16"
+        reasons["compute_dtype"] = (
+            "auto: CPU has no AMX or AVX512-BF16, so bf16 would be emulated (~3x slower); fp32"
+        )
+        return "fp32"
+    if requested == "fp32":
+        reasons["compute_dtype"] = "requested"
+        return "fp32"
+    if requested == "bf16":
+        reasons["compute_dtype"] = "requested"
+        if not machine.native_bf16:
+            warnings.append(
+                "bf16 was requested but this CPU has no AMX or AVX512-BF16: PyTorch emulates bf16"
+                " here, measured 2.5-3x slower than fp32. Use --dtype auto for fp32."
+            )
+        return "bf16"
+    if requested == "fp16":
+        if not machine.has("amx_fp16"):
+            raise PlanError(
+                "--dtype fp16 on CPU needs AMX-FP16 (Granite Rapids); this CPU lacks it."
+                " Use --dtype auto (bf16 on AMX/AVX512-BF16 CPUs, fp32 otherwise)."
+            )
+        reasons["compute_dtype"] = "requested; CPU has AMX-FP16"
+        return "fp16"
+    raise PlanError(f"unknown dtype {requested!r}: choose auto, fp32, bf16 or fp16.")
+
+
+def _choose_cuda_dtype(gpu, requested: str, reasons: dict) -> str:
+    if requested == "auto":
+        if gpu.bf16_supported:
+            reasons["compute_dtype"] = f"auto: {gpu.name} computes bf16 natively"
+            return "bf16"
+        reasons["compute_dtype"] = f"auto: {gpu.name} lacks bf16 (pre-Ampere); fp16"
+        return "fp16"
+    if requested == "bf16" and not gpu.bf16_supported:
+        raise PlanError(f"--dtype bf16 was requested but {gpu.name} has no bf16; use fp16 or auto.")
+    if requested not in ("fp32", "bf16", "fp16"):
+        raise PlanError(f"unknown dtype {requested!r}: choose auto, fp32, bf16 or fp16.")
+    reasons["compute_dtype"] = "requested"
+    return requested
+
+
+def _choose_cuda_quant(gpu, request: PlanRequest, reasons: dict) -> str:
+    if request.quant in ("none", "nf4", "int8"):
+        reasons["quantization"] = "requested"
+        return request.quant
+    if request.quant != "auto":
+        raise PlanError(f"unknown quant {request.quant!r}: choose auto, none, nf4 or int8.")
+    if request.model_params:
+        weights_bytes = 2 * request.model_params
+        budget = GPU_WEIGHTS_BUDGET * gpu.total_memory_bytes
+        if weights_bytes > budget:
+            reasons["quantization"] = (
+                f"auto: bf16 weights ({weights_bytes / 2**30:.1f} GiB) exceed"
+                f" {GPU_WEIGHTS_BUDGET:.0%} of {gpu.name}'s {gpu.total_memory_bytes / 2**30:.0f} GiB;"
+                " NF4 QLoRA stores them in ~0.5 bytes/parameter"
+            )
+            return "nf4"
+        reasons["quantization"] = "auto: bf16 weights fit in GPU memory; plain LoRA is faster than QLoRA"
+        return "none"
+    reasons["quantization"] = "auto: model size unknown; plain LoRA (ask for --quant nf4 to save memory)"
+    return "none"
+
+
+def _choose_cpu_quant(
+    requested: str, reasons: dict, warnings: list, machine: Machine, request: PlanRequest, compute_dtype: str
+) -> str:
+    if requested == "auto" and request.model_params and machine.ram_bytes:
+        # Same budget as on a GPU: the rest of RAM is for activations, adapter state and the runtime.
+        weights_bytes = DTYPE_BYTES[compute_dtype] * request.model_params
+        budget = GPU_WEIGHTS_BUDGET * machine.ram_bytes
+        if weights_bytes > budget:
+            reasons["quantization"] = (
+                f"auto: {compute_dtype} weights ({weights_bytes / 2**30:.1f} GiB) exceed"
+                f" {GPU_WEIGHTS_BUDGET:.0%} of {machine.ram_bytes / 2**30:.0f} GiB RAM; NF4 QLoRA"
+                " stores them in ~0.5 bytes/parameter (slower: every matmul dequantises)"
+            )
+            return "nf4"
+    if requested in ("auto", "none"):
+        reasons["quantization"] = "none: LoRA on unquantised weights is the fastest CPU path"
+        return "none"
+    if requested in ("nf4", "int8"):
+        reasons["quantization"] = "requested; bitsandbytes' x86 backend quantises on CPU"
+        warnings.append(
+            f"{requested} on CPU saves memory but dequantises every matmul: expect it to be slower"
+            " than LoRA on unquantised weights."
+        )
+        return requested
+    raise PlanError(f"unknown quant {requested!r}: choose auto, none, nf4 or int8.")
+
+
+def _choose_threads(machine: Machine, requested: int | None, reasons: dict, warnings: list) -> int:
+    available = max(1, min(machine.physical_cores, machine.usable_cpus))
+    if requested is not None:
+        if requested < 1:
+            raise PlanError(f"threads must be at least 1 (got {requested}).")
+        reasons["threads"] = "requested"
+        if requested > machine.physical_cores:
+            warnings.append(
+                f"{requested} threads on {machine.physical_cores} physical cores: hyperthreads share"
+                " the vector units and usually slow training down."
+            )
+        return requested
+    reasons["threads"] = (
+        f"one per physical core ({machine.physical_cores} physical, {machine.logical_cores} logical,"
+        f" {machine.usable_cpus} usable): hyperthreads share the FMA/AMX units"
+    )
+    if machine.numa_nodes > 1:
+        warnings.append(
+            f"{machine.numa_nodes} NUMA nodes: one process spanning sockets pays remote-memory"
+            " latency; for full speed run one process per node with"
+            f" `accelerate launch --num_processes {machine.numa_nodes}` (or torchrun) under numactl."
+        )
+    return available
+
+
+def _peak_flops(machine: Machine, device: str, dtype: str, threads: int, reasons: dict) -> float | None:
+    if device == "cuda":
+        name = machine.cuda_devices[0].name
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                reasons["peak_flops"] = f"datasheet dense {dtype} peak for {key}"
+                return tflops * 1e12
+        reasons["peak_flops"] = f"no datasheet figure for {name}"
+        return None
+    if dtype == "bf16" and machine.has("amx_bf16"):
+        path = "amx_bf16"
+    elif dtype == "bf16" and machine.has("avx512_bf16"):
+        path = "avx512_bf16"
+    elif machine.has("avx512_f"):
+        path = "avx512_fp32"
+    else:
+        path = "avx2_fp32"
+    mhz = machine.cpu_max_mhz or DEFAULT_CPU_MHZ
+    reasons["peak_flops"] = (
+        f"{threads} cores x {mhz / 1000:.2f} GHz x {CPU_FLOP_PER_CYCLE[path]} FLOP/cycle ({path});"
+        " theoretical, real GEMMs reach less"
+    )
+    return threads * mhz * 1e6 * CPU_FLOP_PER_CYCLE[path]
