@@ -18,7 +18,7 @@ locals {
   ssh_via   = module.plan.ssh.via
   public_ip = module.plan.ssh.public_ip
 
-  prices_file = var.prices_file != "" ? var.prices_file : "${path.module}/prices.csv"
+  prices_file = var.prices_file != "" ? var.prices_file : "${path.module}/../cpuft/planning/gcp_prices.csv"
 
   batch_queue_yaml = var.batch_queue_file != "" ? file(var.batch_queue_file) : ""
   bucket_name      = "${var.project_id}-${var.name}-results"

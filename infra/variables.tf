@@ -104,7 +104,7 @@ variable "labels" {
 }
 
 variable "prices_file" {
-  description = "Price table CSV to estimate the hourly cost with; empty uses infra/prices.csv."
+  description = "Price table CSV to estimate the hourly cost with; empty uses cpuft/planning/gcp_prices.csv."
   type        = string
   default     = ""
 }

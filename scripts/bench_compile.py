@@ -15,14 +15,14 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from cpuft.bench.runner import _read_jsonl
+from cpuft.bench.data import read_jsonl
 from cpuft.train.callbacks import MetricsCallback
 
 compile_ = sys.argv[1]=="1"
 base=os.environ.get("BENCH_TINY","/tmp/b7/tiny")
 m=base+"/work/model-tiny"
 tok=AutoTokenizer.from_pretrained(m); model=AutoModelForCausalLM.from_pretrained(m)
-rows=_read_jsonl(base+"/work/train.jsonl")*8
+rows=read_jsonl(base+"/work/train.jsonl")*8
 args=SFTConfig(output_dir="/tmp/b7/c%d"%compile_, max_steps=20, per_device_train_batch_size=4, use_cpu=True, bf16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[], max_length=128, torch_compile=compile_, disable_tqdm=True)
 mc=MetricsCallback(__import__("pathlib").Path("/tmp/b7/c%d.jsonl"%compile_), show_progress=False)
 tr=SFTTrainer(model=model,args=args,train_dataset=Dataset.from_list(rows),processing_class=tok,peft_config=LoraConfig(r=16,target_modules="all-linear",task_type="CAUSAL_LM"),callbacks=[mc])

@@ -3,6 +3,7 @@
 
     python scripts/bench_int8.py                      # ~128M params, 3 interleaved rounds
     python scripts/bench_int8.py --rounds 5 --out bench-results/int8.json
+    python scripts/bench_int8.py --dtype auto         # int8 methods over the dtype cpuft plans here
 
 Why a mid-size model: on a tiny model int8 loses to fp32 because per-call overheads dominate
 small matmuls (FACTS.md); 100-300M parameters is where the choice is real. Random weights are
@@ -24,6 +25,12 @@ ratios against the fp32 median of the same run. Measured per method:
                       model sampled itself (so its probabilities mean something even with random
                       weights)
 
+Baselines: fp32 always; bf16 too where the CPU computes bf16 natively (AMX, AVX-512-BF16) or
+with --dtype bf16, since bf16 is the speed an INT8 path has to beat there. `--dtype` is the model
+dtype the int8 methods start from (default fp32; auto = what `cpuft generate --int8` plans on this
+CPU); a method that takes fp32 activations only runs in fp32 whatever is asked, as cpuft does
+(`cpuft.inference.int8.int8_model_dtype`), and the table names the dtype each row ran in.
+
 On a shared machine the absolute numbers are noisy; compare ratios, and rerun on a quiet one.
 """
 
@@ -43,6 +50,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from cpuft.dtypes import DTYPE_NAMES  # noqa: E402  (after the environment is set)
+
 # ~128M parameters: 104M in 12 decoder layers + a 32k x 768 embedding tied to lm_head.
 MODEL_SHAPE = dict(
     vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -51,6 +60,7 @@ MODEL_SHAPE = dict(
 # Bench-only variant: the default (per-tensor) qconfig of torch dynamic quantisation, to show why
 # cpuft uses per-channel scales.
 EXTRA_VARIANTS = ["torch-dynamic-per-tensor"]
+BASELINES = ("fp32", "bf16")  # unquantised rows; ratios are against fp32
 
 
 def build_bench_model(model_dir: Path) -> None:
@@ -101,23 +111,38 @@ def timed_repeats(fn, repeats: int, budget_seconds: float) -> list[tuple[float, 
     return times
 
 
-def load(model_dir: Path, method: str):
-    import torch
+def model_dtype(method: str, dtype: str) -> str:
+    """The dtype `method` runs in when the int8 methods are asked to start from `dtype`."""
+    from cpuft.inference.int8 import int8_model_dtype
+
+    if method in BASELINES:
+        return method
+    if method in EXTRA_VARIANTS:
+        return "fp32"  # torch dynamic quantisation, like torch-dynamic
+    return int8_model_dtype(method, dtype)[0]
+
+
+def load(model_dir: Path, method: str, dtype: str = "fp32"):
     from transformers import AutoModelForCausalLM
 
+    from cpuft.dtypes import torch_dtype
     from cpuft.inference.int8 import quantize_for_cpu_inference
 
     # Read into memory rather than mmap the checkpoint: mapped file pages stay counted in RSS after
     # quantisation drops the float weights they back, which would hide the memory int8 saves.
     # cpuft.inference.loading loads the same way when it quantises.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, disable_mmap=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype(model_dtype(method, dtype)), disable_mmap=True
+    ).eval()
     started = time.perf_counter()
     if method == "torch-dynamic-per-tensor":
+        import torch
+
         from cpuft.inference.int8 import _untie_lm_head
 
         _untie_lm_head(model)
         torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    elif method != "fp32":
+    elif method not in BASELINES:
         quantize_for_cpu_inference(model, method)
     return model, time.perf_counter() - started
 
@@ -142,7 +167,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     ref = torch.load(args.ref, weights_only=True) if args.ref else None
-    model, quantize_seconds = load(args.model_dir, args.method)
+    model, quantize_seconds = load(args.model_dir, args.method, args.dtype)
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, MODEL_SHAPE["vocab_size"], (1, args.prefill_tokens), generator=generator)
 
@@ -166,6 +191,7 @@ def worker(args) -> dict:
 
     result = {
         "method": args.method,
+        "dtype": model_dtype(args.method, args.dtype),
         "quantize_seconds": quantize_seconds,
         "prefill_tokens_per_second": args.prefill_tokens / statistics.median(w for w, _ in prefill_times),
         "prefill_tokens_per_cpu_second": args.prefill_tokens / statistics.median(c for _, c in prefill_times),
@@ -217,7 +243,7 @@ def run_worker(args, method: str, ref: Path) -> dict:
     command = [
         sys.executable, __file__, "--worker", method, "--model-dir", str(args.model_dir), "--ref", str(ref),
         "--threads", str(args.threads), "--prefill-tokens", str(args.prefill_tokens),
-        "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats),
+        "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -236,6 +262,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
             table[method] = {"error": results[0]["error"]}
             continue
         row = {k: statistics.median(r[k] for r in good) for k in keys if k in good[0]}
+        row["dtype"] = good[0].get("dtype", "fp32")
         row["prefill_all"] = [round(r["prefill_tokens_per_second"], 1) for r in good]
         row["decode_all"] = [round(r["decode_tokens_per_second"], 2) for r in good]
         table[method] = row
@@ -262,8 +289,9 @@ def markdown_table(table: dict[str, dict]) -> str:
         if "error" in r:
             lines.append(f"| {method} | failed: {r['error'][:80]} |" + " |" * 11)
             continue
+        label = method if method in BASELINES or r["dtype"] == "fp32" else f"{method} ({r['dtype']})"
         lines.append(
-            f"| {method} | {r['prefill_tokens_per_second']:.0f} | {r['prefill_ratio']:.2f} | {r['prefill_cpu_ratio']:.2f} | "
+            f"| {label} | {r['prefill_tokens_per_second']:.0f} | {r['prefill_ratio']:.2f} | {r['prefill_cpu_ratio']:.2f} | "
             f"{r['decode_tokens_per_second']:.1f} | {r['decode_ratio']:.2f} | {r['decode_cpu_ratio']:.2f} | "
             f"{r['rss_mib']:.0f} ({r['rss_ratio']:.2f}) | {r['peak_rss_mib']:.0f} | "
             f"{r['top1_agreement']:.3f} | {r['greedy_match']:.2f} | {r['perplexity_delta']:+.2%} |"
@@ -286,7 +314,12 @@ def orchestrate(args) -> None:
     make_reference(args)
 
     available = available_int8_methods()
-    methods = ["fp32"] + [m for m, missing in available.items() if missing is None] + EXTRA_VARIANTS
+    if args.dtype == "auto":
+        from cpuft.planning.plan import PlanRequest, plan_for
+
+        args.dtype = plan_for(machine, PlanRequest(device="cpu", quant="none", threads=args.threads)).compute_dtype
+    baselines = ["fp32", "bf16"] if machine.native_bf16 or args.dtype == "bf16" else ["fp32"]
+    methods = baselines + [m for m, missing in available.items() if missing is None] + EXTRA_VARIANTS
     if args.methods:
         methods = ["fp32"] + [m for m in args.methods.split(",") if m != "fp32"]
     runs: dict[str, list[dict]] = {m: [] for m in methods}
@@ -309,7 +342,7 @@ def orchestrate(args) -> None:
         "machine": {"cpu": machine.cpu_name, "cpu_kind": cpu_kind(machine), "isa": machine.torch_cpu_isa,
                     "physical_cores": machine.physical_cores, "threads": args.threads, "python": platform.python_version()},
         "model": {**MODEL_SHAPE, "parameters": _param_count(args.model_dir)},
-        "settings": {k: getattr(args, k) for k in ("rounds", "repeats", "prefill_tokens", "decode_tokens", "eval_sequences", "eval_tokens")},
+        "settings": {k: getattr(args, k) for k in ("rounds", "repeats", "prefill_tokens", "decode_tokens", "eval_sequences", "eval_tokens", "dtype")},
         "unavailable": {m: why for m, why in available.items() if why},
         "summary": table,
         "runs": runs,
@@ -347,7 +380,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--eval-sequences", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=128)
-    parser.add_argument("--methods", default=None, help="comma-separated subset (fp32 is always measured)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset (fp32 is always measured; bf16 is a baseline name)")
+    parser.add_argument("--dtype", default="fp32", choices=("auto", *DTYPE_NAMES),
+                        help="model dtype the int8 methods start from (default %(default)s; auto: cpuft's plan for this CPU)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ref", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -217,22 +217,23 @@ def test_failures_stay_isolated_are_retried_and_the_drained_queue_shuts_down(que
         jobs:
           - name: wants-gpu          # bad input at run time (no GPU here): exit 2, not retried
             device: cuda
-          - name: bad-scheduler      # the run fails (exit 1): retried up to max_failures
-            lr_scheduler_type: no-such-schedule
+          - name: blocked-output     # the run fails (exit 1): retried up to max_failures
+            output_dir: blocker/run  # 'blocker' is a plain file: the run cannot make its directory
           - name: good
         """)
+    (queue_dir / "blocker").write_text("a file, not a directory\n")
     drained = queue_dir / "DRAINED"
     result = run_cpuft("batch", "run", queue_path, "--shutdown-when-done", "--shutdown-command", f"touch {drained}")
 
     assert result.returncode == 1, result.stdout + result.stderr  # some job failed for good
     jobs = status_json(queue_path)
-    good, gpu, sched = jobs["good"], jobs["wants-gpu"], jobs["bad-scheduler"]
+    good, gpu, sched = jobs["good"], jobs["wants-gpu"], jobs["blocked-output"]
     assert (good["state"], good["attempts"], good["summary"]["steps"]) == ("done", 1, 4)
     assert (queue_dir / "runs" / "good" / "adapter" / "adapter_model.safetensors").is_file()
     assert (gpu["state"], gpu["attempts"], gpu["exit_code"], gpu["retryable"]) == ("failed", 1, 2, False)
     assert "CUDA" in gpu["last_error"]
     assert (sched["state"], sched["attempts"], sched["failures"], sched["exit_code"]) == ("failed", 2, 2, 1)
-    assert "no-such-schedule" in sched["last_error"]
+    assert "blocker" in sched["last_error"]
     assert drained.exists()  # nothing left to run -> the shutdown command ran
 
     # Running again starts nothing: done is done, and both failures are final.
@@ -241,7 +242,7 @@ def test_failures_stay_isolated_are_retried_and_the_drained_queue_shuts_down(que
     assert again.returncode == 1
     assert "attempt" not in again.stdout
     assert {name: (job["state"], job["attempts"]) for name, job in status_json(queue_path).items()} == {
-        "wants-gpu": ("failed", 1), "bad-scheduler": ("failed", 2), "good": ("done", 1)}
+        "wants-gpu": ("failed", 1), "blocked-output": ("failed", 2), "good": ("done", 1)}
     assert drained.exists()
     table = run_cpuft("batch", "status", queue_path).stdout
     assert "good" in table and "4/4" in table and "3 job(s): 2 failed, 1 done; no scheduler running." in table

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import re
+
 import pytest
 
+from cpuft.config.cli_args import add_config_arguments, config_values
 from cpuft.config.job import SFTJobConfig, read_config_file, resolve_config
 from cpuft.errors import UserError
 from cpuft.planning.plan import PlanRequest
@@ -36,6 +40,16 @@ def test_unknown_key_names_line_and_nearest_valid_key(tmp_path):
     assert "'learning_rat'" in message and "Did you mean 'learning_rate'" in message
 
 
+def test_nearest_name_prefers_cpufts_own_keys_then_the_libraries(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("lora_rank: 8\nneftune_alpha: 5\n")
+    with pytest.raises(UserError, match="Did you mean 'lora_r'"):  # not TrainingArguments' local_rank
+        read_config_file(path)
+    path.write_text("neftune_alpha: 5\n")
+    with pytest.raises(UserError, match=re.escape(f"{path}:1: unknown config key 'neftune_alpha'. Did you mean 'neftune_noise_alpha'")):
+        read_config_file(path)
+
+
 @pytest.mark.parametrize(
     "text,fragment",
     [
@@ -60,7 +74,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_range_checks():
-    with pytest.raises(UserError, match="eval_fraction"):
+    with pytest.raises(UserError, match="--eval-fraction: eval_fraction must be in"):
         resolve_config(None, {"eval_fraction": "1.5"})
     with pytest.raises(UserError, match="max_steps"):
         resolve_config(None, {"max_steps": "0"})
@@ -73,3 +87,20 @@ def test_optional_fields_accept_none_and_numbers(tmp_path):
     assert config.threads is None and config.per_device_batch_size == 2 and config.gradient_checkpointing is True
     request = PlanRequest.from_job(config)
     assert request.per_device_batch_size == 2 and request.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--packing"], {"packing": True}),
+        (["--packing", "false", "--max-steps", "3"], {"packing": False, "max_steps": 3}),
+        (["--no-packing"], {"packing": False}),
+        (["--use-dora", "--max-grad-norm=0.5"], {"use_dora": True, "max_grad_norm": 0.5}),
+        (["--no-use-rslora"], {"use_rslora": False}),
+    ],
+)
+def test_flags_for_true_false_keys_and_library_fields(argv, expected):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    config = resolve_config(None, config_values(parser.parse_args(argv)))
+    assert {key: config.to_dict()[key] for key in expected} == expected

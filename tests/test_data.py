@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import sys
 
 import pytest
 
-from cpuft.data.prepare import SAMPLE_NAME, load_rows, prepare_dataset, sample_path
+from cpuft.data.prepare import prepare_dataset
+from cpuft.data.readers import SAMPLE_NAME, load_rows, sample_path
 from cpuft.errors import UserError
-from tests.conftest import write_jsonl
+from tests.conftest import run_cpuft, write_jsonl
+
+GOOD_LINE = '{"prompt": "What is 2 plus 2?", "completion": "4."}'
 
 
 def test_bundled_sample_is_lima_shaped_and_large_enough():
@@ -128,3 +133,76 @@ def test_unreachable_hub_dataset_says_how_to_use_a_local_copy(monkeypatch):
         load_rows("GAIR/lima")
     message = str(info.value)
     assert "GAIR/lima" in message and "HF_TOKEN" in message and "--dataset ./" in message
+
+
+# ----------------------------------------------------------------------------- bytes that are not UTF-8 text
+
+
+def _latin1_on_line_3(path):
+    """Two good rows, then a row saved as Latin-1 ("café" with byte 0xE9), then a good row."""
+    lines = [GOOD_LINE.encode(), GOOD_LINE.encode(), '{"prompt": "café?", "completion": "yes"}'.encode("latin-1"),
+             GOOD_LINE.encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_invalid_utf8_in_jsonl_names_file_and_line(tmp_path):
+    path = _latin1_on_line_3(tmp_path / "latin1.jsonl")
+    with pytest.raises(UserError) as info:
+        prepare_dataset(str(path), eval_fraction=0)
+    message = str(info.value)
+    # 0xE9 is the 16th byte of '{"prompt": "café?"...'.
+    assert f"{path}:3: not valid UTF-8 (byte 0xe9 at byte 16 of the line)" in message
+    assert "UTF-8" in message
+
+
+def test_invalid_utf8_in_json_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "caf\xe9", "completion": "c"}\n]\n')
+    with pytest.raises(UserError, match=r"latin1\.json:3: not valid UTF-8 \(byte 0xe9"):
+        prepare_dataset(str(path), eval_fraction=0)
+
+
+def test_binary_files_renamed_jsonl_are_called_binary(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    executable = tmp_path / "python.jsonl"  # the first 4 KiB of a real executable: NUL bytes early on
+    executable.write_bytes(open(sys.executable, "rb").read(4096))
+    parquet = tmp_path / "rows.jsonl"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "completion": "c"}]), parquet)
+    compressed = tmp_path / "rows.jsonl.jsonl"
+    compressed.write_bytes(gzip.compress((GOOD_LINE + "\n").encode()))
+    for path, fragment in [(executable, "binary file, not JSON Lines text"), (parquet, "binary file (Parquet)"),
+                           (compressed, "binary file (gzip-compressed)")]:
+        with pytest.raises(UserError) as info:
+            load_rows(str(path))
+        assert str(path) in str(info.value) and fragment in str(info.value)
+
+
+def test_utf8_bom_is_accepted_and_not_part_of_the_first_key(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD_LINE + "\n").encode() * 3)
+    data = prepare_dataset(str(path), eval_fraction=0)
+    assert data.row_format == "prompt_completion"
+    assert data.train[0]["messages"][0]["content"] == "What is 2 plus 2?"
+
+
+def test_line_numbers_count_newlines_only(tmp_path):
+    # U+2028 may appear unescaped inside a JSON string; it must not start a new line number.
+    path = tmp_path / "separators.jsonl"
+    path.write_text(json.dumps({"prompt": "a\u2028b", "completion": "c"}, ensure_ascii=False) + "\n"
+                    + GOOD_LINE + "\n" + '{"prompt": "a",\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"separators\.jsonl:3: not valid JSON"):
+        load_rows(str(path))
+
+
+def test_sft_on_a_non_utf8_dataset_exits_2_before_writing_anything(tiny_model_dir, tmp_path):
+    dataset = _latin1_on_line_3(tmp_path / "bad.jsonl")
+    out = tmp_path / "run"
+    result = run_cpuft("sft", "--model", tiny_model_dir, "--dataset", dataset, "--output-dir", out,
+                       "--max-steps", "1", "--no-progress")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{dataset}:3: not valid UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()

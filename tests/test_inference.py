@@ -1,7 +1,9 @@
-"""`cpuft generate`, `cpuft chat`, `cpuft eval` and cpuft.inference.loading on a real (tiny) fine-tune.
+"""`cpuft generate`, `cpuft chat`, `cpuft eval` and cpuft.inference on a real (tiny) fine-tune.
 
 One LoRA run (`qa_run_dir`, conftest) is shared with test_merge.py. The CLI is exercised where the
 behaviour is the CLI's (streaming chat, exit codes, files written); the rest runs in-process.
+INT8 runs under the dtype cpuft plans on each CPU kind, with synthetic machines standing in for
+the CPUs this one is not (bf16 is emulated here: slow, but the same code path).
 """
 
 from __future__ import annotations
@@ -10,18 +12,32 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from cpuft.errors import UserError
+from cpuft.hardware.probe import Machine
 from cpuft.inference.evaluate import evaluate_loss
-from cpuft.inference.loading import (
-    GenerationSettings,
-    generate,
-    load_for_inference,
-    resolve_source,
-)
+from cpuft.inference.generate import GenerationSettings, generate, stream
+from cpuft.inference.int8 import available_int8_methods
+from cpuft.inference.loading import load_for_inference, resolve_source
 from tests.conftest import qa_rows, run_cpuft
+
+AVAILABLE_INT8 = [m for m, missing in available_int8_methods().items() if missing is None]
+# CPU kinds by their flags, and the dtype cpuft must plan on each: bf16 only where the CPU computes
+# it natively (AMX or AVX-512-BF16; FACTS.md: emulated bf16 on AVX2 measured 2.5-3x slower).
+SYNTHETIC_CPUS = {
+    "amx": ({"avx2", "fma3", "avx512_f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}, "bf16"),
+    "avx512_bf16": ({"avx2", "fma3", "avx512_f", "avx512_vnni", "avx512_bf16"}, "bf16"),
+    "avx512": ({"avx2", "fma3", "avx512_f", "avx512_vnni"}, "fp32"),
+    "avx2": ({"avx2", "fma3"}, "fp32"),
+}
+
+
+def synthetic_machine(flags: set[str]) -> Machine:
+    return Machine(cpu_name="synthetic", cpu_flags=frozenset(flags), physical_cores=2, logical_cores=2,
+                   usable_cpus=2, ram_bytes=16 * 2**30)
 
 
 def _model_and_tokenizer(loaded):
@@ -50,7 +66,6 @@ def test_eval_reproduces_the_trainers_eval_loss_and_writes_generations(qa_run_di
     trainer_eval_loss = json.loads((qa_run_dir / "summary.json").read_text())["eval_loss"]
     # Same held-out rows (the run's dataset, fraction and seed), same tokenisation, one batch.
     assert report["loss"] == pytest.approx(trainer_eval_loss, rel=1e-4)
-    assert report["perplexity"] == pytest.approx(math.exp(report["loss"]), rel=1e-9)
     assert report["rows"] == json.loads((qa_run_dir / "summary.json").read_text())["eval_rows"]
 
     lines = (qa_run_dir / "eval" / "generations.jsonl").read_text().splitlines()
@@ -91,23 +106,142 @@ def test_chat_streams_replies_keeps_history_and_resets(qa_run_dir, qa_model_dir)
     assert replies == [first, second, after_reset]
 
 
-def test_merged_and_quantised_loads_score_close_to_the_adapter(qa_run_dir, qa_dataset):
+@pytest.fixture(scope="module")
+def qa_eval_rows(qa_dataset):
     from cpuft.data.prepare import prepare_dataset
-    from cpuft.inference.int8 import available_int8_methods
 
-    rows = list(prepare_dataset(str(qa_dataset), eval_fraction=0.0).train)
-    source = resolve_source(str(qa_run_dir))
-    adapter = evaluate_loss(*_model_and_tokenizer(load_for_inference(source)), rows, batch_size=8)
-    merged = evaluate_loss(*_model_and_tokenizer(load_for_inference(source, merge=True)), rows, batch_size=8)
-    assert merged.tokens == adapter.tokens
-    assert merged.loss == pytest.approx(adapter.loss, abs=1e-5)
-    for method, missing in available_int8_methods().items():
-        if missing:
-            continue
-        loaded = load_for_inference(source, int8=method)
-        assert loaded.precision == f"int8 ({method})"
-        # int8 rounding moves the loss a little; a broken path (wrong scales, lost adapter) moves it a lot.
-        assert evaluate_loss(loaded.model, loaded.tokenizer, rows, batch_size=8).loss == pytest.approx(adapter.loss, rel=0.01), method
+    return list(prepare_dataset(str(qa_dataset), eval_fraction=0.0).train)
+
+
+@pytest.fixture(scope="module")
+def adapter_loss(qa_run_dir, qa_eval_rows):
+    """fp32 base + unmerged adapter: the reference every other load is compared with."""
+    return evaluate_loss(*_model_and_tokenizer(load_for_inference(resolve_source(str(qa_run_dir)))), qa_eval_rows, batch_size=8)
+
+
+def test_merged_load_scores_the_same_as_the_adapter(qa_run_dir, qa_eval_rows, adapter_loss):
+    merged = evaluate_loss(*_model_and_tokenizer(load_for_inference(resolve_source(str(qa_run_dir)), merge=True)),
+                           qa_eval_rows, batch_size=8)
+    assert merged.tokens == adapter_loss.tokens
+    assert merged.loss == pytest.approx(adapter_loss.loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", SYNTHETIC_CPUS)
+def test_int8_runs_under_the_dtype_planned_for_each_cpu_kind(kind, qa_run_dir, qa_eval_rows, adapter_loss):
+    """`--int8` (the kind's default method) and every other --int8-method load, score, generate and
+    stream under the dtype the plan picks on this CPU kind: the path `cpuft generate|chat|eval
+    --int8` takes on that CPU."""
+    import torch
+
+    from cpuft.cli import build_parser
+    from cpuft.cli.infer import load_model_from_args
+    from cpuft.inference.int8 import default_int8_method
+
+    flags, planned = SYNTHETIC_CPUS[kind]
+    machine = synthetic_machine(flags)
+    default = default_int8_method(machine)
+    for method in [None] + [m for m in AVAILABLE_INT8 if m != default]:
+        argv = ["eval", "--model", str(qa_run_dir)] + (["--int8-method", method] if method else ["--int8"])
+        loaded = load_model_from_args(build_parser().parse_args(argv), quiet=True, machine=machine)
+        chosen = method or default
+        # fbgemm's int8 linear (torch-dynamic) quantises fp32 activations only; the others take bf16.
+        runs_in = "fp32" if chosen == "torch-dynamic" else planned
+        assert loaded.precision == f"int8 ({chosen}, {runs_in} activations)", (kind, chosen)
+        embedding_dtype = loaded.model.get_input_embeddings().weight.dtype
+        assert embedding_dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[runs_in], (kind, chosen)
+        if runs_in != planned:
+            assert len(loaded.notes) == 1 and f"runs in {runs_in}, not {planned}" in loaded.notes[0]
+        else:
+            assert loaded.notes == []
+        # int8 (and bf16) rounding moves the loss a little; a broken path (wrong scales, lost
+        # adapter, a dtype cast in the wrong place) moves it a lot.
+        loss = evaluate_loss(loaded.model, loaded.tokenizer, qa_eval_rows, batch_size=8).loss
+        assert loss == pytest.approx(adapter_loss.loss, rel=0.02), (kind, chosen)
+        settings, prompt = GenerationSettings(max_new_tokens=4), [{"role": "user", "content": "What is 2 plus 3?"}]
+        reply = generate(loaded, settings, messages=prompt)
+        assert "".join(stream(loaded, settings, messages=prompt)) == reply  # the chat path, same greedy tokens
+
+
+def test_cli_int8_with_bf16_requested_runs_in_fp32_and_says_why(qa_run_dir, tmp_path):
+    # On this AVX2 CPU --dtype bf16 forces the bf16 the plan picks on AMX / AVX-512-BF16 CPUs;
+    # before the fix it ended in "expected scalar type Float but found BFloat16".
+    prompt = "What is the capital of Peru?"
+    result = run_cpuft("generate", "--model", qa_run_dir, "--dtype", "bf16", "--int8", "--max-new-tokens", "4", prompt)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "int8 (torch-dynamic, fp32 activations)" in result.stderr
+    assert "note: torch-dynamic runs in fp32, not bf16" in result.stderr
+    # ... and what runs is exactly the fp32 int8 model: the same greedy reply.
+    fp32_int8 = load_for_inference(resolve_source(str(qa_run_dir)), dtype="fp32", int8="torch-dynamic")
+    expected = generate(fp32_int8, GenerationSettings(max_new_tokens=4), messages=[{"role": "user", "content": prompt}])
+    assert result.stdout == expected + "\n"
+
+    out = tmp_path / "eval"
+    result = run_cpuft("eval", "--model", qa_run_dir, "--dtype", "bf16", "--int8", "--generations", "1",
+                       "--max-new-tokens", "4", "--no-progress", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["precision"] == "int8 (torch-dynamic, fp32 activations)"
+    trainer_eval_loss = json.loads((qa_run_dir / "summary.json").read_text())["eval_loss"]
+    assert report["loss"] == pytest.approx(trainer_eval_loss, rel=0.02)
+
+
+# ----------------------------------------------------------------------------- the evaluator on hand-computed cases
+
+
+class CharTokenizer:
+    """'a'..'z' -> 0..25, one token per letter; 'z' doubles as padding."""
+
+    pad_token_id = 25
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) - ord("a") for c in text]}
+
+
+class NextLetterModel:
+    """Logit ln(75) on the letter after the input letter (mod 26), 0 on the 25 others: the next
+    letter gets probability 75/100, every other letter 1/100."""
+
+    VOCAB = 26
+
+    def __init__(self):
+        import torch
+
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        yield self.weight
+
+    def __call__(self, input_ids, attention_mask=None):
+        import torch
+
+        logits = torch.zeros(*input_ids.shape, self.VOCAB)
+        logits.scatter_(-1, ((input_ids + 1) % self.VOCAB).unsqueeze(-1), math.log(75))
+        return SimpleNamespace(logits=logits)
+
+
+def test_loss_is_the_token_weighted_mean_over_rows_of_different_lengths():
+    # "abcd": 3 predicted letters, all the next letter; "abca": 2 next letters, then 'a' after 'c';
+    # "ab": 1. Seven scored tokens: six at -ln(3/4), one at -ln(1/100). Batches of 2 pad "abca"
+    # and "ab" together; the padding must not count.
+    rows = [{"text": "abcd"}, {"text": "abca"}, {"text": "ab"}]
+    result = evaluate_loss(NextLetterModel(), CharTokenizer(), rows, batch_size=2)
+    assert result.tokens == 7 and result.rows == 3
+    assert result.loss == pytest.approx((6 * math.log(4 / 3) + math.log(100)) / 7, rel=1e-6)
+    assert result.perplexity == pytest.approx(((4 / 3) ** 6 * 100) ** (1 / 7), rel=1e-6)  # about 2.4706
+    assert result.perplexity == pytest.approx(2.4706, abs=1e-4)
+
+
+def test_uniform_logits_give_loss_ln_vocabulary(qa_model_dir, qa_eval_rows):
+    # A zeroed output head makes every logit 0: each of the V tokens gets 1/V, whatever the input.
+    import torch
+
+    loaded = load_for_inference(resolve_source(str(qa_model_dir)))
+    with torch.no_grad():
+        loaded.model.lm_head.weight.zero_()
+    vocabulary = loaded.model.config.vocab_size  # the width of the output head
+    result = evaluate_loss(loaded.model, loaded.tokenizer, qa_eval_rows[:8], batch_size=3)
+    assert result.loss == pytest.approx(math.log(vocabulary), rel=1e-6)
+    assert result.perplexity == pytest.approx(vocabulary, rel=1e-5)
 
 
 def test_nf4_base_with_adapter_on_top(qa_run_dir, qa_dataset):

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from cpuft.bench.runner import synthetic_conversations
+from cpuft.bench.data import synthetic_conversations
 from cpuft.data.packing import length_grouped_order
 from cpuft.testing.tiny_model import TinyModelSpec, build_tiny_model
 

@@ -94,17 +94,29 @@ def test_method_trains_saves_and_reloads(tiny_setup, tmp_path, method):
 
 
 def test_adalora_needs_the_run_length():
-    from types import SimpleNamespace
-
     from cpuft.errors import UserError
 
-    config = SimpleNamespace(peft_method="adalora", lora_target_modules="all-linear", lora_r=8,
-                             lora_alpha=16, lora_dropout=0.0, num_virtual_tokens=4)
+    config = resolve_config(None, {"peft_method": "adalora", "lora_r": "8", "lora_alpha": "16", "lora_dropout": "0"})
     with pytest.raises(UserError, match="total steps"):
         build_peft_config(config, total_steps=None)
     adalora = build_peft_config(config, total_steps=100)
     assert (adalora.target_r, adalora.init_r, adalora.total_step) == (8, 12, 100)
-    assert adalora.tinit < adalora.total_step - adalora.tfinal
+    # AdaLoRA's schedule over 100 steps: warm-up 10, final 20, reallocation every 5
+    assert (adalora.tinit, adalora.tfinal, adalora.deltaT) == (10, 20, 5)
+
+
+def test_pass_through_fields_reach_each_methods_config():
+    """A PEFT field set as a cpuft key ends up on the method's own config object; cpuft's keys
+    still set the fields they map to."""
+    lora = build_peft_config(resolve_config(None, {"use_rslora": "true", "modules_to_save": "lm_head", "lora_r": "4"}))
+    assert (lora.use_rslora, lora.modules_to_save, lora.r, lora.lora_alpha) == (True, ["lm_head"], 4, 32)
+    loha = build_peft_config(resolve_config(None, {"peft_method": "loha", "rank_dropout": "0.1", "lora_alpha": "8"}))
+    assert (loha.rank_dropout, loha.alpha, loha.r) == (0.1, 8, 16)
+    adalora = build_peft_config(resolve_config(None, {"peft_method": "adalora", "tinit": "3"}), total_steps=100)
+    assert (adalora.tinit, adalora.tfinal) == (3, 20)  # the user's warm-up, cpuft's final phase
+    prefix = build_peft_config(resolve_config(None, {"peft_method": "prefix_tuning", "prefix_projection": "true",
+                                                     "num_virtual_tokens": "4"}))
+    assert (prefix.prefix_projection, prefix.num_virtual_tokens) == (True, 4)
 
 
 def test_unknown_method_is_rejected_with_the_choices(tiny_setup, tmp_path):

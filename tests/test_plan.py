@@ -99,7 +99,8 @@ def test_cuda_box_plans_bf16_lora_when_weights_fit():
     machine = with_gpu(SAPPHIRE_RAPIDS, H100)
     plan = plan_for(machine, PlanRequest(model_params=7_000_000_000))  # 14 GB of bf16 weights
     assert (plan.device, plan.compute_dtype, plan.quantization) == ("cuda", "bf16", "none")
-    assert "H100" in plan.reasons["peak_flops"] and plan.peak_flops == pytest.approx(989e12)
+    # H100 SXM datasheet: BF16 Tensor Core 1,979 TFLOPS with sparsity, half of it dense.
+    assert "H100" in plan.reasons["peak_flops"] and plan.peak_flops == pytest.approx(1979e12 / 2, rel=1e-3)
 
 
 def test_cuda_box_switches_to_nf4_when_bf16_weights_do_not_fit():
@@ -157,11 +158,80 @@ def test_explicit_batch_and_checkpointing_are_honoured():
     assert any("1.5x slower" in w for w in plan.warnings)
 
 
-def test_amx_peak_is_far_above_avx2_peak_per_core():
-    amx = plan_for(SAPPHIRE_RAPIDS, AUTO)
-    avx2 = plan_for(AVX2_ONLY, AUTO)
-    per_core_ratio = (amx.peak_flops / amx.threads / 3000) / (avx2.peak_flops / avx2.threads / 2445)
-    assert per_core_ratio == pytest.approx(1024 / 32)
+def test_cpu_peaks_are_cores_times_clock_times_published_flop_per_cycle():
+    # c3-standard-22: 11 cores x 3.0 GHz x 1024 bf16 FLOP/cycle (AMX) = 33.8 TFLOP/s, the
+    # "c3-standard-22 ~ 34 TFLOPS bf16 peak" of Intel's figures.
+    assert plan_for(SAPPHIRE_RAPIDS, AUTO).peak_flops == pytest.approx(33.792e12)
+    # 2 cores x 2.445 GHz x 32 fp32 FLOP/cycle (two 256-bit FMA units x 8 lanes x 2).
+    assert plan_for(AVX2_ONLY, AUTO).peak_flops == pytest.approx(156.48e9)
+    # Ice Lake, fp32: 16 cores x 2.9 GHz x 64 (two 512-bit FMA units x 16 lanes x 2).
+    assert plan_for(ICE_LAKE, AUTO).peak_flops == pytest.approx(2.9696e12)
+
+
+GENOA = Machine.from_dict(dict(  # AMD EPYC 9B14 (GCP C3D, Zen 4): AVX-512 and AVX-512-BF16 on 256-bit datapaths
+    cpu_name="AMD EPYC 9B14", cpu_flags=["avx512_bf16", "avx512_f", "avx512_vnni", "avx2", "fma3"],
+    physical_cores=4, logical_cores=8, usable_cpus=8, ram_bytes=32 * GIB, cpu_max_mhz=3000.0,
+    cpu_vendor_id="AuthenticAMD", cpu_family=25,  # /proc/cpuinfo: family 0x19
+))
+
+
+def test_zen4_avx512_is_double_pumped_half_of_intels_rate():
+    intel = Machine.from_dict({**GENOA.to_dict(), "cpu_name": "Intel(R) Xeon(R) Platinum 8380H",
+                               "cpu_vendor_id": "GenuineIntel", "cpu_family": 6})
+    # bf16 (VDPBF16PS): Intel 4 x 3.0 GHz x 128 = 1.536 TFLOP/s; Zen 4 half of it.
+    assert plan_for(intel, AUTO).peak_flops == pytest.approx(1.536e12)
+    zen4 = plan_for(GENOA, AUTO)
+    assert zen4.compute_dtype == "bf16" and zen4.peak_flops == pytest.approx(0.768e12)
+    assert "Zen 4" in zen4.reasons["peak_flops"]
+    # fp32 AVX-512: 4 x 3.0 GHz x 32 on Zen 4 (one 512-bit FMA per cycle), 64 on Intel.
+    assert plan_for(GENOA, PlanRequest(dtype="fp32")).peak_flops == pytest.approx(0.384e12)
+    assert plan_for(intel, PlanRequest(dtype="fp32")).peak_flops == pytest.approx(0.768e12)
+
+
+def test_zen5_has_full_width_avx512_and_a_machine_file_without_family_counts_as_zen4():
+    turin = Machine.from_dict({**GENOA.to_dict(), "cpu_name": "AMD EPYC 9B45", "cpu_family": 26})
+    assert plan_for(turin, AUTO).peak_flops == pytest.approx(1.536e12)
+    described = {k: v for k, v in GENOA.to_dict().items() if k not in ("cpu_vendor_id", "cpu_family")}
+    assert plan_for(Machine.from_dict(described), AUTO).peak_flops == pytest.approx(0.768e12)
+
+
+# Dense datasheet figures (the datasheets' sparse figures halved where only those are printed).
+@pytest.mark.parametrize(
+    "gpu_name, dtype, tflops",
+    [
+        ("NVIDIA L40S", "bf16", 362.05),  # L40S datasheet: BF16 362.05 | 733 sparse
+        ("NVIDIA L40", "bf16", 181.05),  # L40 datasheet: BF16 181.05 | 362.1 sparse; not the L4
+        ("NVIDIA L4", "bf16", 121.0),  # L4 datasheet: BF16 242 with sparsity
+        ("NVIDIA A10G", "bf16", 70.0),  # AWS's A10 variant: less tensor throughput than the A10
+        ("NVIDIA A10", "bf16", 125.0),  # A10 datasheet: BF16 125 | 250 sparse
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A100 80GB PCIe", "bf16", 312.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.5),  # H100 PCIe datasheet: 1,513 sparse; not the SXM's 989
+        ("NVIDIA H200 NVL", "bf16", 835.5),
+        ("Tesla T4", "fp16", 65.0),
+    ],
+)
+def test_gpu_peak_is_the_most_specific_datasheet_entry(gpu_name, dtype, tflops):
+    gpu = CudaDevice(name=gpu_name, total_memory_bytes=24 * GIB, bf16_supported=dtype == "bf16")
+    plan = plan_for(with_gpu(AVX2_ONLY, gpu), PlanRequest(dtype=dtype))
+    assert plan.peak_flops == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.parametrize("gpu_name, tflops", [("NVIDIA H100 80GB HBM3", 67.0), ("NVIDIA A100-SXM4-40GB", 19.5),
+                                              ("NVIDIA L4", 30.3)])
+def test_fp32_on_a_gpu_gets_the_cuda_core_fp32_peak_not_the_tensor_core_one(gpu_name, tflops):
+    # PyTorch keeps TF32 off for fp32 matmuls by default, so fp32 runs on the CUDA cores.
+    gpu = CudaDevice(name=gpu_name, total_memory_bytes=40 * GIB, bf16_supported=True)
+    plan = plan_for(with_gpu(AVX2_ONLY, gpu), PlanRequest(dtype="fp32"))
+    assert plan.peak_flops == pytest.approx(tflops * 1e12)
+    assert "FP32" in plan.reasons["peak_flops"]
+
+
+def test_unknown_gpu_has_no_peak_rather_than_a_neighbours():
+    # A substring match would give this 8 GB workstation card the A100's 312 TFLOP/s.
+    gpu = CudaDevice(name="NVIDIA RTX A1000 6GB Laptop GPU", total_memory_bytes=6 * GIB, bf16_supported=True)
+    plan = plan_for(with_gpu(AVX2_ONLY, gpu), AUTO)
+    assert plan.peak_flops is None and "no datasheet figure" in plan.reasons["peak_flops"]
 
 
 def test_plan_is_pure_and_serialisable():

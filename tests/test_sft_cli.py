@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import cpuft
 from tests.conftest import run_cpuft, write_jsonl
 
 FAST = ["--per-device-batch-size", "4", "--gradient-accumulation-steps", "1", "--max-length", "128", "--no-progress"]
@@ -37,24 +38,53 @@ def test_run_directory_holds_every_artefact(trained_run):
     assert not list(trained_run.glob(".*tmp*")), "temporary files left behind"
 
 
-def test_summary_figures_are_consistent(trained_run):
+def test_summary_figures_are_plausible(trained_run):
     summary = json.loads((trained_run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 30
+    assert summary["status"] == "completed" and summary["steps"] == summary["max_steps"] == 30
     assert summary["device"] == "cpu"
+    sample_rows = len((Path(cpuft.__file__).parent / "data" / "lima_sample.jsonl").read_text().splitlines())
+    assert summary["train_rows"] + summary["eval_rows"] == sample_rows and summary["eval_rows"] > 0
     assert summary["train_tokens"] > 0 and summary["train_tokens_per_second"] > 0
-    assert summary["train_tokens_per_second"] == pytest.approx(
-        summary["train_tokens"] / summary["train_seconds"], rel=0.02
-    )
     assert summary["peak_rss_bytes"] > 50 * 2**20
     assert 0 < summary["mfu"] < 1
-    assert summary["achieved_flops_per_second"] == pytest.approx(summary["mfu"] * summary["peak_flops_per_second"])
-    assert 0 < summary["trainable_params"] < summary["total_params"]
-    assert summary["wall_seconds"] >= summary["train_seconds"]
+    # LoRA r=16 on every linear layer but the head: r * (in + out) per layer. Per block of the
+    # test model (hidden 64, 2 of 4 heads for k/v so 32 wide, MLP 192): q, o 64->64; k, v 64->32;
+    # gate, up 64->192; down 192->64. 16 * (2*128 + 2*96 + 3*256) = 19,456; two blocks.
+    assert summary["trainable_params"] == 2 * 19_456
+    assert summary["trainable_params"] < summary["total_params"]
+    assert summary["wall_seconds"] >= summary["train_seconds"] > 0
+
+
+def test_trained_tokens_are_the_non_padding_tokens_of_the_data(tiny_model_dir, tmp_path):
+    """train_tokens counted here from the dataset: every row through the chat template, cut at
+    max_length; 4 steps of 4 rows over 8 rows are exactly two epochs."""
+    from transformers import AutoTokenizer
+
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "why is the sky blue? " * (i * i)},
+                          {"role": "assistant", "content": "Because of Rayleigh scattering. " * (i + 1)}]}
+            for i in range(8)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    run_dir = tmp_path / "run"
+    result = run_cpuft("sft", "--model", tiny_model_dir, "--dataset", data, "--eval-fraction", "0",
+                       "--max-steps", "4", "--per-device-batch-size", "4", "--gradient-accumulation-steps", "1",
+                       "--max-length", "64", "--save-steps", "100", "--output-dir", run_dir, "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for r in rows]
+    assert min(lengths) < 64 < max(lengths), "the rows should exercise both sides of truncation"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["train_rows"] == 8
+    assert summary["train_tokens"] == 2 * sum(min(n, 64) for n in lengths)
+    logged = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert logged == [1, 2, 3, 4]
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_loss_falls_over_the_run(trained_run):
-    losses = [r["loss"] for r in map(json.loads, (trained_run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert len(losses) == 30
+    logged = [r for r in map(json.loads, (trained_run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 31))  # logging_steps defaults to 1
+    losses = [r["loss"] for r in logged]
     # The 64-wide random test model with frozen tied embeddings can only shift logits a little
     # (RMSNorm bounds the hidden state), so the drop is modest; step-to-step noise is ~0.03.
     start = statistics.mean(losses[:5])
@@ -164,20 +194,6 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, tiny_model_dir):
 def test_resume_without_a_run_directory_is_bad_input(tmp_path):
     result = run_cpuft("sft", "--output-dir", tmp_path / "nothing", "--resume")
     assert result.returncode == 2 and "not a cpuft run directory" in result.stderr
-
-
-def test_env_json_on_this_machine():
-    import torch
-
-    result = run_cpuft("env", "--json")
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
-    caps = torch.cpu.get_capabilities()
-    assert data["plan"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert ("amx_bf16" in data["machine"]["cpu_flags"]) == bool(caps["amx_bf16"])
-    native_bf16 = caps["amx_bf16"] or caps["avx512_bf16"]
-    if not torch.cuda.is_available():
-        assert data["plan"]["dtype"] == ("bf16" if native_bf16 else "fp32")
 
 
 def test_env_plans_for_a_described_machine(tmp_path):

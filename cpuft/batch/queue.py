@@ -38,14 +38,8 @@ from typing import Any
 
 import yaml
 
-from cpuft.config.job import (
-    CONFIG_FIELDS,
-    SFTJobConfig,
-    key_lines,
-    load_yaml_with_nodes,
-    resolve_config,
-    typed_config_value,
-)
+from cpuft.config.job import SFTJobConfig, resolve_config, typed_config_value
+from cpuft.config.yaml_file import key_lines, load_yaml_with_nodes
 from cpuft.errors import UserError
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -238,11 +232,12 @@ def _parse_job(path, index, item, node, line, defaults, runs_dir: Path, check_fi
     except _FieldProblem as problem:
         fail(problem.field, problem.message)
         return None
+    origins = {key: f"{path}:{key_line}: {where_job}" for key, (_, key_line) in values.items()}
     try:
-        config = resolve_config(None, {}, base=plain)
+        config = resolve_config(None, {}, base=plain, origins=origins)
     except UserError as exc:
-        field = next((f for f in CONFIG_FIELDS if str(exc).startswith(f + " ")), None)
-        errors.append(f"{path}:{values.get(field, (None, line))[1]}: {where_job}: {exc}")
+        message = str(exc)
+        errors.append(message if message.startswith(f"{path}:") else f"{path}:{line}: {where_job}: {message}")
         return None
     if check_files:
         try:
@@ -282,7 +277,7 @@ def _resolve_model(base: Path, value: str, check: bool) -> str:
 
 
 def _resolve_dataset(base: Path, value: str, check: bool) -> str:
-    from cpuft.data.prepare import LOCAL_SUFFIXES, SAMPLE_NAME
+    from cpuft.data.readers import LOCAL_SUFFIXES, SAMPLE_NAME
 
     if value == SAMPLE_NAME:
         return value
@@ -300,7 +295,8 @@ def _resolve_dataset(base: Path, value: str, check: bool) -> str:
 
 def _check_rows(config: SFTJobConfig) -> None:
     """Read and convert a local dataset now, so a bad row stops the queue before any job runs."""
-    from cpuft.data.prepare import SAMPLE_NAME, convert_row, detect_format, load_rows
+    from cpuft.data.formats import convert_row, detect_format
+    from cpuft.data.readers import SAMPLE_NAME, load_rows
 
     if config.dataset != SAMPLE_NAME and not Path(config.dataset).is_file():
         return  # Hub dataset: only the job can reach it

@@ -32,7 +32,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    from cpuft.bench.runner import SIZES, VARIANTS
+    from cpuft.bench.sizes import SIZES, VARIANTS
 
     parser = subparsers.add_parser(
         "bench",
@@ -59,7 +59,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from cpuft.bench.runner import BenchOptions, run_bench
+    from cpuft.bench.orchestrator import BenchOptions, run_bench
+    from cpuft.bench.report import format_bench_table
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:
@@ -79,24 +80,3 @@ def run(args) -> int:
     print(f"\nwrote {options.out_dir / 'bench.json'} and {options.out_dir / 'bench.png'}")
     return 0
 
-
-def format_bench_table(report: dict) -> str:
-    head = f"{'variant':<14} {'dtype':<6} {'ckpt':<5} {'tok/s':>8} {'step s':>7} {'pad %':>6} {'RSS MiB':>8} {'eval loss':>9} {'MFU':>6}"
-    lines = [head, "-" * len(head)]
-    for name, run in report["variants"].items():
-        mfu = run.get("mfu_vs_measured_gemm")
-        lines.append(
-            f"{name:<14} {run['compute_dtype']:<6} {'on' if run['gradient_checkpointing'] else 'off':<5}"
-            f" {run['tokens_per_second']:>8.0f} {run['median_step_seconds']:>7.2f}"
-            f" {100 * (run['padding_fraction'] or 0):>6.1f} {run['peak_rss_bytes'] / 2**20:>8.0f}"
-            f" {run['eval_loss']:>9.4f} {'' if mfu is None else f'{mfu:.1%}':>6}"
-        )
-    gemm = report["gemm"]["fp32"]
-    lines.append(f"\nmeasured GEMM peak (fp32, {gemm['m']}x{gemm['k']}x{gemm['n']}, {gemm['threads']} threads):"
-                 f" {gemm['flops_per_second'] / 1e9:.1f} GFLOP/s")
-    for key in ("speedup_vs_trl_tuned", "speedup_vs_trl_defaults", "eval_loss_rel_diff_vs_trl_tuned",
-                "peak_rss_ratio_vs_trl_tuned", "bf16_speedup_vs_fp32"):
-        if report.get(key) is not None:
-            value = report[key]
-            lines.append(f"{key:<34} {value:+.2%}" if "diff" in key else f"{key:<34} {value:.2f}x")
-    return "\n".join(lines)

@@ -1,10 +1,12 @@
-"""`cpuft env`: what this machine is and what cpuft would plan for it, as a table or JSON."""
+"""`cpuft env`: what this machine is (container limits included) and what cpuft would plan for it,
+as a table or JSON; `--machine FILE` plans for a described machine instead of probing this one."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from cpuft.config.choices import DeviceRequest, DtypeRequest, QuantRequest, values
 from cpuft.errors import UserError
 from cpuft.hardware.probe import Machine, probe_machine
 from cpuft.planning.plan import PlanRequest, plan_for
@@ -19,9 +21,9 @@ def register(subparsers) -> None:
         " print the training plan cpuft would choose, with the reason for each choice.",
     )
     parser.add_argument("--json", action="store_true", help="print {'machine': ..., 'plan': ...} as JSON")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device request")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="dtype request")
-    parser.add_argument("--quant", default="auto", choices=["auto", "none", "nf4", "int8"], help="quantisation request")
+    parser.add_argument("--device", default="auto", choices=values(DeviceRequest), help="device request")
+    parser.add_argument("--dtype", default="auto", choices=values(DtypeRequest), help="dtype request")
+    parser.add_argument("--quant", default="auto", choices=values(QuantRequest), help="quantisation request")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
     parser.add_argument(
         "--machine", metavar="FILE", default=None,

@@ -12,6 +12,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from cpuft.config.choices import DeviceRequest, DtypeRequest, values
 from cpuft.errors import UserError
 
 MODEL_HELP = """\
@@ -21,8 +22,10 @@ An adapter's base model is the one recorded in its adapter_config.json unless --
 
 Precision: --dtype auto picks fp32 on AVX2-only CPUs and bf16 on AMX / AVX-512-BF16 CPUs and
 GPUs. --int8 quantises the linear layers for CPU inference (the adapter is merged first) with
-the method measured fastest for this CPU kind (docs/int8.md), or --int8-method's. --nf4 loads the
-base in 4 bits with bitsandbytes (the CUDA path; runs on x86 CPUs too, slowly).
+the method measured fastest for this CPU kind (docs/int8.md), or --int8-method's; a method whose
+int8 layers take fp32 activations only (torch-dynamic) runs in fp32 where the plan picks bf16,
+and says so. --nf4 loads the base in 4 bits with bitsandbytes (the CUDA path; runs on x86 CPUs
+too, slowly).
 """
 
 
@@ -32,8 +35,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="run dir, adapter dir, merged model dir or Hub id")
     group.add_argument("--base", default=None, help="base model for an adapter (default: recorded in the adapter)")
-    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default %(default)s)")
-    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights/compute dtype (default %(default)s)")
+    group.add_argument("--device", default="auto", choices=values(DeviceRequest), help="where to run (default %(default)s)")
+    group.add_argument("--dtype", default="auto", choices=values(DtypeRequest), help="weights/compute dtype (default %(default)s)")
     group.add_argument("--int8", action="store_true", help="int8 linear layers on CPU, with the method measured best for this CPU")
     group.add_argument(
         "--int8-method", default=None, choices=list(INT8_METHODS), metavar="METHOD",
@@ -123,8 +126,9 @@ examples:
 # ----------------------------------------------------------------------------- shared
 
 
-def load_model_from_args(args, quiet: bool = False):
-    """Probe, plan (device, dtype, threads), resolve and load; prints one line saying what it loaded."""
+def load_model_from_args(args, quiet: bool = False, machine=None):
+    """Probe (unless `machine` is given), plan (device, dtype, threads), resolve and load; prints
+    one line saying what it loaded, and a note for every choice that differs from the plan's."""
     import torch
 
     from cpuft.hardware.probe import probe_machine
@@ -132,7 +136,7 @@ def load_model_from_args(args, quiet: bool = False):
     from cpuft.inference.loading import load_for_inference, resolve_source
     from cpuft.planning.plan import PlanRequest, plan_for
 
-    machine = probe_machine()
+    machine = machine or probe_machine()
     int8 = args.int8_method or (default_int8_method(machine) if args.int8 else None)
     device = "cpu" if int8 and args.device == "auto" else args.device
     plan = plan_for(machine, PlanRequest(device=device, dtype=args.dtype, quant="none", threads=args.threads))
@@ -145,13 +149,15 @@ def load_model_from_args(args, quiet: bool = False):
     if not quiet:
         where = f"{plan.device}, {plan.threads} threads" if plan.device == "cpu" else plan.device
         print(f"model: {source.describe()} [{loaded.precision}, {where}]", file=sys.stderr)
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         for note in loaded.notes:
             print(f"note: {note}", file=sys.stderr)
     return loaded
 
 
 def _settings(args):
-    from cpuft.inference.loading import GenerationSettings
+    from cpuft.inference.generate import GenerationSettings
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
@@ -167,7 +173,7 @@ def _settings(args):
 
 
 def run_generate(args) -> int:
-    from cpuft.inference.loading import generate
+    from cpuft.inference.generate import generate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
@@ -186,7 +192,7 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    from cpuft.inference.loading import stream
+    from cpuft.inference.generate import stream
 
     settings = _settings(args)
     loaded = load_model_from_args(args)
@@ -238,8 +244,9 @@ def _fit_history(tokenizer, system: list[dict], history: list[dict], budget: int
 def run_eval(args) -> int:
     from cpuft.artifacts import atomic_directory, atomic_write_json
     from cpuft.data.prepare import prepare_dataset
-    from cpuft.inference.evaluate import evaluate_loss
-    from cpuft.inference.loading import generate, is_run_dir, split_prompt_reference
+    from cpuft.inference.evaluate import evaluate_loss, split_prompt_reference
+    from cpuft.inference.generate import generate
+    from cpuft.inference.loading import is_run_dir
 
     run_config = _run_config(Path(args.model))
     def pick(value, key, fallback):

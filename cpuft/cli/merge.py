@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cpuft.dtypes import DTYPE_NAMES
 from cpuft.inference.merge import COMBINATIONS
 
 EPILOG = """\
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     parser.add_argument("--density", type=float, default=None, help="fraction of values kept by ties/dare/magnitude_prune")
     parser.add_argument("--base", default=None, help="base model to merge into (default: the one recorded in the adapter)")
     parser.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+        "--dtype", default="fp32", choices=DTYPE_NAMES,
         help="dtype of the merged weights (default %(default)s: exact; bf16 halves the size)",
     )
     parser.set_defaults(handler=run)

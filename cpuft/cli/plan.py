@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from cpuft.config.job import (
-    CONFIG_FIELDS,
+from cpuft.config.cli_args import (
+    PASS_THROUGH_EPILOG,
     add_config_arguments,
-    read_config_file,
-    resolve_config,
+    config_values,
 )
+from cpuft.config.job import read_config_file, resolve_config
 from cpuft.errors import UserError
 
 EPILOG = """\
@@ -33,7 +33,8 @@ examples:
   cpuft plan --model ./llama-7b --method qlora --machine-type c3-standard-44 --tokens 2000000
   cpuft plan --model ./llama-7b --method full --per-device-batch-size 1 --json
   cpuft plan --list-machine-types
-"""
+
+""" + PASS_THROUGH_EPILOG
 
 
 def register(subparsers) -> None:
@@ -73,8 +74,9 @@ def run(args) -> int:
         raise UserError(f"--utilization must be in (0, 1], got {args.utilization}.")
     if args.tokens is not None and args.tokens < 1:
         raise UserError(f"--tokens must be at least 1, got {args.tokens}.")
-    cli_values = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
+    cli_values = config_values(args)
     config = resolve_config(args.config, cli_values)
+    known_machine_type(config)
     dataset_given = "dataset" in cli_values or (args.config and "dataset" in read_config_file(args.config))
     report = build_report(config, args.method, args.tokens, args.utilization, dataset_given)
     if args.json:
@@ -90,12 +92,11 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
 
     from cpuft.hardware.probe import probe_machine
     from cpuft.modeling import read_model_config
-    from cpuft.planning.cloud import MACHINE_TYPES, planned_epochs, time_for_run
-    from cpuft.planning.memory import plan_memory, settings_for_job, usable_capacity
-    from cpuft.planning.plan import PlanRequest, plan_for
+    from cpuft.planning.cloud import planned_epochs, time_for_run
+    from cpuft.planning.fit import plan_job
     from cpuft.planning.report import format_env_table
 
-    machine_type = MACHINE_TYPES[config.machine_type] if config.machine_type else None
+    machine_type = known_machine_type(config)
     machine = machine_type.as_machine() if machine_type else probe_machine()
     model_config = read_model_config(config.model)
     shape = _shape(model_config, config.model)
@@ -105,14 +106,9 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
         if config.quant not in ("auto", "none"):
             raise UserError("--method full trains every weight and cannot use a quantised base (--quant); use --method qlora.")
         config = replace(config, quant="none")
-    plan = plan_for(machine, PlanRequest.from_job(config, shape.total_params))
-    settings = settings_for_job(plan, config)
-    if method == "full":
-        settings = replace(settings, training="full")
-    capacity, label = usable_capacity(machine, plan.device)
-    if machine_type:
-        label = f"{label} of {machine_type.name}"
-    memory = plan_memory(shape, settings, capacity, label)
+    fitted = plan_job(machine, config, shape, training="full" if method == "full" else "adapter",
+                      where=machine_type.name if machine_type else None)
+    plan, settings, memory = fitted.plan, fitted.settings, fitted.memory
 
     time_estimate, time_note = None, None
     token_count, mean_seq_len = tokens, float(config.max_length)
@@ -148,6 +144,20 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
             "time_note": time_note,
         },
     }
+
+
+def known_machine_type(config):
+    """The declared machine type `config.machine_type` names (None when unset); UserError naming
+    where it was set when it is not one cpuft knows. `cpuft sft` calls it too, before writing."""
+    from cpuft.planning.cloud import machine_type
+
+    if config.machine_type is None:
+        return None
+    try:
+        return machine_type(config.machine_type)
+    except KeyError as exc:
+        where = config.origins.get("machine_type", "machine_type")
+        raise UserError(f"{where}: {exc.args[0]}; `cpuft plan --list-machine-types` describes them.") from None
 
 
 def _shape(model_config, model: str):

@@ -6,15 +6,22 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from cpuft.config.job import CONFIG_FIELDS, add_config_arguments, resolve_config
+from cpuft.config.cli_args import (
+    PASS_THROUGH_EPILOG,
+    add_config_arguments,
+    config_values,
+)
+from cpuft.config.job import is_config_key, resolve_config
+from cpuft.config.yaml_file import read_mapping
 from cpuft.errors import EXIT_INTERRUPTED, UserError
 
 EPILOG = """\
 Every option is also a YAML key (use underscores): values come from defaults < --config FILE <
-flags. The plan (device, dtype, threads, batch, ...) is printed before training with a reason for
-each choice; `cpuft env` shows it without training.
+flags; a true/false key takes --x, --x true|false or --no-x. The plan (device, dtype, threads,
+batch, ...) is printed before training with a reason for each choice; `cpuft env` shows it
+without training.
+
+""" + PASS_THROUGH_EPILOG + """
 
 Run directory: adapter/ (stock PEFT loads it), config.yaml, plan.json, metrics.jsonl,
 tensorboard/, loss_curve.png, summary.json, checkpoint-N/.
@@ -25,7 +32,7 @@ checkpoint (run again with --resume --output-dir DIR).
 examples:
   cpuft sft --model models/tiny --dataset sample --max-steps 60
   cpuft sft --model Qwen/Qwen2.5-0.5B-Instruct --dataset ./lima/train.jsonl --device auto
-  cpuft sft --config job.yaml --lora-r 32
+  cpuft sft --config job.yaml --lora-r 32 --max-grad-norm 0.5 --use-dora true
   cpuft sft --output-dir runs/job1 --resume
 """
 
@@ -50,16 +57,18 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from cpuft.cli.plan import known_machine_type
     from cpuft.hardware.probe import probe_machine
     from cpuft.train.recipe import SFTRecipe
 
-    cli_values = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS}
-    base = None
+    cli_values = config_values(args)
+    base, origins = None, None
     if args.resume:
         if "output_dir" not in cli_values:
             raise UserError("--resume needs --output-dir: the run directory to continue.")
-        base = _saved_config(Path(cli_values["output_dir"]))
-    config = resolve_config(args.config, cli_values, base=base)
+        base, origins = _saved_config(Path(cli_values["output_dir"]))
+    config = resolve_config(args.config, cli_values, base=base, origins=origins)
+    known_machine_type(config)
 
     recipe = SFTRecipe(config, probe_machine(), resume=args.resume, show_progress=not args.no_progress)
     recipe.setup()
@@ -94,9 +103,13 @@ def run(args) -> int:
     return 0
 
 
-def _saved_config(run_dir: Path) -> dict:
+def _saved_config(run_dir: Path) -> tuple[dict, dict]:
+    """The saved job (cpuft's keys and the pass-through values) and where each key is in the file.
+
+    Keys this version no longer knows are dropped: a run started by an older cpuft resumes."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"--resume: {run_dir} is not a cpuft run directory (no config.yaml).")
-    saved = yaml.safe_load(path.read_text()) or {}
-    return {k: v for k, v in saved.items() if k in CONFIG_FIELDS}
+    saved, origins = read_mapping(path)
+    known = {str(k): v for k, v in saved.items() if is_config_key(str(k))}
+    return known, {k: origins[k] for k in known}

@@ -1,23 +1,32 @@
-"""The `cpuft sft` job config: one typed dataclass that is at once the YAML schema and the CLI.
+"""The `cpuft sft` job config: cpuft's own keys (`SFTJobConfig`), and their resolution.
 
-Precedence: dataclass defaults < YAML file (`--config`) < command-line flags. Every field is a
-YAML key `name` and a flag `--name` (underscores become dashes); `Literal[...]` fields list
-their allowed values. Unknown YAML keys are rejected with the nearest valid name and the line.
+Precedence: defaults < base (a resumed run's config.yaml, a batch queue's job) < YAML file
+(`--config`) < command-line flags. Every key is a YAML key `name` and a flag `--name`
+(underscores become dashes; cpuft.config.cli_args makes the flags).
+
+The namespace is flat: cpuft's own keys first, then every field of TRL's `SFTConfig`, then every
+field of the PEFT config of `peft_method` (cpuft.config.passthrough). Several cpuft keys set an
+SFTConfig field of the same name (learning_rate, max_steps, ...: `trl=True` below) with cpuft's
+defaults; lora_r, lora_alpha, lora_dropout, lora_target_modules and num_virtual_tokens set the
+PEFT config's fields. Unknown keys are refused with the nearest valid name and where they were
+set; every value is typed, and SFTConfig and the PEFT config are built once here, so a value the
+libraries refuse stops the job before anything is written or loaded.
+
+Limits: checks that need the machine (a known `machine_type`, whether the plan can be met) are
+the planner's, done by the commands before they write anything.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from cpuft.config import passthrough
 from cpuft.config.choices import (
     DatasetFormat,
     DeviceRequest,
@@ -26,202 +35,193 @@ from cpuft.config.choices import (
     PeftMethod,
     QuantRequest,
 )
+from cpuft.config.values import typed_value
+from cpuft.config.yaml_file import read_mapping
 from cpuft.errors import UserError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_DATASET = "GAIR/lima"
 
 
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _key(text: str, default: Any, trl: bool = False) -> Any:
+    """A cpuft key; `trl`: it sets the SFTConfig field of the same name as it is."""
+    return field(default=default, metadata={"help": text, "trl": trl})
+
+
+def _trl_key(name: str, text: str) -> Any:
+    """A cpuft key for the SFTConfig field `name`, with cpuft's default from TRL_DEVIATIONS."""
+    return _key(text, passthrough.TRL_DEVIATIONS[name].value, trl=True)
+
+
+def _peft_key(peft_field: str, text: str) -> Any:
+    """A cpuft key for a PEFT config field, with cpuft's default from PEFT_DEVIATIONS."""
+    return _key(text, passthrough.PEFT_DEVIATIONS[peft_field].value)
 
 
 @dataclass
 class SFTJobConfig:
     # What to train
-    model: str = _help("base model: a local directory or a Hugging Face Hub id", default=DEFAULT_MODEL)
-    dataset: str = _help(
+    model: str = _key("base model: a local directory or a Hugging Face Hub id", DEFAULT_MODEL)
+    dataset: str = _key(
         "training data: a Hub id (default GAIR/lima, gated: needs HF_TOKEN), a local"
         " .jsonl/.json/.parquet file, or 'sample' for the bundled LIMA-shaped sample",
-        default=DEFAULT_DATASET,
+        DEFAULT_DATASET,
     )
-    dataset_format: DatasetFormat = _help(
-        "row format; auto detects it from the first row's keys", default="auto"
-    )
-    dataset_split: str = _help("split to read from a Hub dataset", default="train")
-    max_samples: int | None = _help("use only the first N rows, for quick experiments (default: all)", default=None)
-    eval_fraction: float = _help("fraction of rows held out for evaluation (0 disables)", default=0.05)
-    output_dir: str | None = _help("run directory (default: runs/sft-<timestamp>)", default=None)
+    dataset_format: DatasetFormat = _key("row format; auto detects it from the first row's keys", "auto")
+    dataset_split: str = _key("split to read from a Hub dataset", "train")
+    max_samples: int | None = _key("use only the first N rows, for quick experiments (default: all)", None)
+    eval_fraction: float = _key("fraction of rows held out for evaluation (0 disables)", 0.05)
+    output_dir: str | None = _key("run directory (default: runs/sft-<timestamp>)", None)
 
-    # How long and how fast to learn
-    max_steps: int = _help("optimizer steps; -1 means train for num_train_epochs", default=-1)
-    num_train_epochs: float = _help("passes over the data when max_steps is -1", default=1.0)
-    max_length: int = _help("truncate each tokenized conversation to this many tokens", default=512)
-    learning_rate: float = _help("peak learning rate (LoRA tolerates higher rates than full FT)", default=2e-4)
-    lr_scheduler_type: str = _help("transformers scheduler name", default="cosine")
-    warmup_steps: float = _help("warm-up: an int counts steps, a float < 1 is a fraction of the run", default=0.03)
-    weight_decay: float = _help("AdamW weight decay", default=0.0)
-    seed: int = _help("seed for init, data split and shuffling", default=42)
-    assistant_only_loss: bool = _help(
-        "train only on assistant turns (needs a chat template with {% generation %} markers)",
-        default=False,
+    # How long and how fast to learn (these set TRL SFTConfig's fields of the same name)
+    max_steps: int = _key("optimizer steps; -1 means train for num_train_epochs", -1, trl=True)
+    num_train_epochs: float = _trl_key("num_train_epochs", "passes over the data when max_steps is -1")
+    max_length: int = _trl_key("max_length", "truncate each tokenized conversation to this many tokens")
+    learning_rate: float = _trl_key("learning_rate", "peak learning rate (LoRA tolerates higher rates than full FT)")
+    lr_scheduler_type: str = _trl_key("lr_scheduler_type", "transformers scheduler name (linear, cosine, constant, ...)")
+    warmup_steps: float = _trl_key("warmup_steps", "warm-up: an int counts steps, a float < 1 is a fraction of the run")
+    weight_decay: float = _key("AdamW weight decay", 0.0, trl=True)
+    seed: int = _key("seed for init, data split and shuffling", 42, trl=True)
+    assistant_only_loss: bool = _key(
+        "train only on assistant turns (needs a chat template with {% generation %} markers)", False, trl=True
+    )
+    optimizer: OptimizerRequest = _key(
+        "optimizer (SFTConfig's optim); auto is paged_adamw_8bit for QLoRA on CUDA, adamw_torch otherwise", "auto"
     )
 
-    # The LoRA adapter
-    lora_r: int = _help("LoRA rank", default=16)
-    lora_alpha: int = _help("LoRA scaling numerator (scale = alpha / r)", default=32)
-    lora_dropout: float = _help("dropout on the LoRA path", default=0.05)
-    lora_target_modules: str = _help(
-        "'all-linear' or a comma-separated list of module names (e.g. q_proj,v_proj)", default="all-linear"
-    )
+    # The adapter (these set the PEFT config's fields: `cpuft sft --help-peft METHOD`)
     # The issue calls this `peft.method`; cpuft's config is flat, so the key is `peft_method`.
-    peft_method: PeftMethod = _help(
+    peft_method: PeftMethod = _key(
         "adapter type: lora; loha/lokr/adalora use lora_r, lora_alpha, lora_dropout and"
         " lora_target_modules too; ia3 uses lora_target_modules; prompt_tuning, prefix_tuning and"
         " p_tuning learn num_virtual_tokens virtual tokens",
-        default="lora",
+        "lora",
     )
-    num_virtual_tokens: int = _help("virtual tokens for prompt_tuning, prefix_tuning, p_tuning", default=20)
-    optimizer: OptimizerRequest = _help(
-        "optimizer; auto is paged_adamw_8bit for QLoRA on CUDA, adamw_torch otherwise", default="auto"
+    lora_r: int = _peft_key("r", "LoRA rank (PEFT's r; AdaLoRA's target_r)")
+    lora_alpha: int = _peft_key("lora_alpha", "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = _peft_key("lora_dropout", "dropout on the LoRA path")
+    lora_target_modules: str = _peft_key(
+        "target_modules", "'all-linear' or a comma-separated list of module names (e.g. q_proj,v_proj)"
     )
-    machine_type: str | None = _help(
-        "GCP machine type to plan time and cost for (e.g. c3-standard-44; `cpuft plan --list-machine-types`)",
-        default=None,
-    )
+    num_virtual_tokens: int = _peft_key("num_virtual_tokens", "virtual tokens for prompt_tuning, prefix_tuning, p_tuning")
 
     # Hardware plan: 'auto' / unset lets the planner choose (see `cpuft env`)
-    device: DeviceRequest = _help("where to train", default="auto")
-    dtype: DtypeRequest = _help("compute dtype", default="auto")
-    quant: QuantRequest = _help("base-weight quantisation (QLoRA)", default="auto")
-    threads: int | None = _help("CPU compute threads (default: one per physical core)", default=None)
-    per_device_batch_size: int | None = _help("micro-batch size (default: the plan's)", default=None)
-    gradient_accumulation_steps: int | None = _help("micro-batches per optimizer step (default: the plan's)", default=None)
-    gradient_checkpointing: bool | None = _help(
-        "recompute activations to save memory (default: only when memory requires it)", default=None
+    device: DeviceRequest = _key("where to train", "auto")
+    dtype: DtypeRequest = _key("compute dtype (SFTConfig's bf16/fp16)", "auto")
+    quant: QuantRequest = _key("base-weight quantisation (QLoRA)", "auto")
+    threads: int | None = _key("CPU compute threads (default: one per physical core)", None)
+    per_device_batch_size: int | None = _key("micro-batch size (default: the plan's)", None)
+    gradient_accumulation_steps: int | None = _key("micro-batches per optimizer step (default: the plan's)", None)
+    gradient_checkpointing: bool | None = _key(
+        "recompute activations to save memory (default: only when memory requires it)", None
     )
-    packing: bool = _help(
+    packing: bool = _key(
         "pack whole samples into rows of max_length (no padding; samples stay apart: position_ids"
         " restart per sample). Changes how many samples an optimizer step sees",
-        default=False,
+        False,
     )
-    torch_compile: bool | None = _help(
+    torch_compile: bool | None = _key(
         "torch.compile the model (default: only runs of 5000+ steps repay inductor's warm-up and"
         " its recompiles for each new sequence length)",
-        default=None,
+        None,
     )
-    attn_implementation: str | None = _help("attention kernel (default: sdpa)", default=None)
+    attn_implementation: str | None = _key("attention kernel (default: sdpa)", None)
+    machine_type: str | None = _key(
+        "GCP machine type to plan time and cost for (e.g. c3-standard-44; `cpuft plan --list-machine-types`)", None
+    )
 
     # Bookkeeping
-    save_steps: int = _help("checkpoint every N optimizer steps (resume and preemption use them)", default=50)
-    save_total_limit: int = _help("keep only the newest N checkpoints", default=2)
-    logging_steps: int = _help("log loss and tokens/s every N steps", default=1)
+    save_steps: int = _trl_key("save_steps", "checkpoint every N optimizer steps (resume and preemption use them)")
+    save_total_limit: int = _trl_key("save_total_limit", "keep only the newest N checkpoints")
+    logging_steps: int = _trl_key("logging_steps", "log loss and tokens/s every N steps")
+
+    # Pass-through values the job sets (SFTConfig fields, PEFT config fields), by field name.
+    trl_args: dict[str, Any] = field(default_factory=dict)
+    peft_args: dict[str, Any] = field(default_factory=dict)
+    # Where each key was set ("FILE:LINE", "--flag"), for messages; not part of the job.
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The job as flat config keys: cpuft's, then the pass-through values (config.yaml)."""
+        values = {name: getattr(self, name) for name in CONFIG_FIELDS}
+        return {**values, **self.trl_args, **self.peft_args}
 
 
-CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(SFTJobConfig)}
-_TYPE_HINTS = typing.get_type_hints(SFTJobConfig)
+_NOT_KEYS = ("trl_args", "peft_args", "origins")
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(SFTJobConfig) if f.name not in _NOT_KEYS}
+KEY_TYPES = typing.get_type_hints(SFTJobConfig)
+# --help groups: the first key of each group, in field order.
+KEY_GROUPS = {
+    "model": "what to train",
+    "max_steps": "how long and how fast to learn (these set TRL SFTConfig's fields of the same name)",
+    "peft_method": "the adapter (these set the PEFT config's fields; `--help-peft METHOD` lists them all)",
+    "device": "the hardware plan ('auto' or unset: the planner chooses; `cpuft env` shows why)",
+    "save_steps": "bookkeeping",
+}
 
 
-# ----------------------------------------------------------------------------- type handling
+# ----------------------------------------------------------------------------- one key
 
 
-def _unwrap_optional(hint) -> tuple[Any, bool]:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
+def is_config_key(key: str) -> bool:
+    """A cpuft key, an SFTConfig field or a field of some PEFT config."""
+    return key in CONFIG_FIELDS or passthrough.is_library_key(key)
 
 
-def coerce_value(name: str, value: Any, where: str) -> Any:
-    """Check/convert one value against the field's type; `where` names its origin for errors."""
-    hint, optional = _unwrap_optional(_TYPE_HINTS[name])
-    if value is None or (isinstance(value, str) and optional and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise UserError(f"{where}: '{name}' may not be empty.")
-    if typing.get_origin(hint) is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise UserError(f"{where}: '{name}' is {value!r}; allowed values: {', '.join(allowed)}.")
-        return value
-    try:
-        if hint is bool:
-            return _to_bool(value)
-        if hint is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if hint is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if hint is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
-        raise UserError(f"{where}: '{name}' must be {kind}, got {value!r}.") from None
-    raise AssertionError(f"unhandled config type {hint} for {name}")
+def typed_config_value(key: str, value: Any, where: str) -> Any:
+    """A config value for `key`, typed; UserError naming `where` for unknown keys or bad values.
 
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-        return True
-    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-        return False
-    raise ValueError
+    PEFT fields are returned as given: their type depends on `peft_method` (resolve_config).
+    """
+    key = str(key)
+    if key in CONFIG_FIELDS:
+        return typed_value(key, KEY_TYPES[key], value, where)
+    if not passthrough.is_library_key(key):
+        raise UserError(unknown_key_message(key, where))
+    refusal = passthrough.set_by_cpuft_message(key, where)
+    if refusal:
+        raise UserError(refusal)
+    if key in passthrough.sft_fields():
+        return passthrough.typed_trl_value(key, value, where)
+    return value
 
 
 def unknown_key_message(key: str, where: str) -> str:
-    close = difflib.get_close_matches(key, CONFIG_FIELDS, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{where}: unknown config key '{key}'.{hint} Valid keys: `cpuft sft --help`."
+    close = nearest_key(key)
+    hint = f" Did you mean '{close}'?" if close else ""
+    return (
+        f"{where}: unknown config key '{key}'.{hint} Valid keys: `cpuft sft --help` (cpuft's),"
+        " `--help-trl` (TRL SFTConfig), `--help-peft METHOD` (PEFT)."
+    )
 
 
-# ----------------------------------------------------------------------------- YAML
+def nearest_key(key: str) -> str | None:
+    """The valid key nearest to `key`: in namespace order first (cpuft's keys, then the
+    libraries': 'lora_rank' means lora_r, not TrainingArguments' local_rank), then of all."""
+    return (
+        passthrough.nearest_name(key, CONFIG_FIELDS, cutoff=0.6)
+        or passthrough.nearest_name(key, passthrough.library_names(), cutoff=0.6)
+        or passthrough.nearest_name(key, [*CONFIG_FIELDS, *passthrough.library_names()], cutoff=0.5)
+    )
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- files
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read and validate a YAML config; returns only the keys it sets (typed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist.")
-    raw, node = load_yaml_with_nodes(path)
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}.")
-    lines = key_lines(node)
-    return {key: typed_config_value(key, value, f"{path}:{lines.get(key, '?')}") for key, value in raw.items()}
+    return read_config_values(path)[0]
 
 
-def load_yaml_with_nodes(path: Path) -> tuple[Any, yaml.Node | None]:
-    """(data, node tree) of a YAML file; the nodes give each key's line for error messages."""
-    text = path.read_text()
-    try:
-        return yaml.safe_load(text), yaml.compose(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
-
-
-def key_lines(node) -> dict[str, int]:
-    """Line (1-based) of each key of a YAML mapping node; {} for anything else."""
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {key_node.value: key_node.start_mark.line + 1 for key_node, _ in node.value}
-
-
-def typed_config_value(key: str, value: Any, where: str) -> Any:
-    """A config file's value for `key`, typed; UserError naming `where` for unknown keys or bad values."""
-    if key not in CONFIG_FIELDS:
-        raise UserError(unknown_key_message(str(key), where))
-    return coerce_value(key, value, where)
+def read_config_values(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(typed values, {key: "FILE:LINE"}) of a YAML config file."""
+    raw, origins = read_mapping(path)
+    values = {str(key): typed_config_value(key, value, origins[str(key)]) for key, value in raw.items()}
+    return values, origins
 
 
 def write_config_file(config: SFTJobConfig, path: Path) -> None:
@@ -230,59 +230,55 @@ def write_config_file(config: SFTJobConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- resolution
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field. Defaults are suppressed so only flags the user typed override."""
-    for name, f in CONFIG_FIELDS.items():
-        hint, _ = _unwrap_optional(_TYPE_HINTS[name])
-        default = f.default
-        # argparse %-formats help strings; the chat-template text contains a literal '%'.
-        shown_default = "" if default is None else f" (default: {default})"
-        help_text = f"{f.metadata['help']}{shown_default}".replace("%", "%%")
-        flag = "--" + name.replace("_", "-")
-        if typing.get_origin(hint) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(hint), default=argparse.SUPPRESS, help=help_text)
-        elif hint is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
-            )
-        else:
-            metavar = {int: "N", float: "X", str: "TEXT"}[hint]
-            parser.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+def resolve_config(
+    config_path: str | None,
+    cli_values: dict[str, Any],
+    base: dict[str, Any] | None = None,
+    origins: dict[str, str] | None = None,
+) -> SFTJobConfig:
+    """defaults < base (e.g. a resumed run's saved config) < YAML < CLI, validated whole.
 
-
-def resolve_config(config_path: str | None, cli_values: dict[str, Any], base: dict[str, Any] | None = None) -> SFTJobConfig:
-    """defaults < base (e.g. a resumed run's saved config) < YAML < CLI."""
-    values: dict[str, Any] = dict(base or {})
+    `origins` says where each `base` value was set, for messages.
+    """
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for key, value in (base or {}).items():
+        at = (origins or {}).get(key, f"'{key}'")
+        values[key], where[key] = typed_config_value(key, value, at), at
     if config_path:
-        values.update(read_config_file(config_path))
+        file_values, file_origins = read_config_values(config_path)
+        values.update(file_values)
+        where.update(file_origins)
     for key, value in cli_values.items():
-        if key in CONFIG_FIELDS:
-            values[key] = coerce_value(key, value, f"--{key.replace('_', '-')}")
-    config = SFTJobConfig(**values)
+        values[key], where[key] = typed_config_value(key, value, flag_name(key)), flag_name(key)
+
+    own = {k: v for k, v in values.items() if k in CONFIG_FIELDS}
+    trl = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k in passthrough.sft_fields()}
+    peft_raw = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k not in trl}
+    config = SFTJobConfig(**own, trl_args=trl, origins=where)
+    if peft_raw:
+        config.peft_args = passthrough.typed_peft_values(config.peft_method, peft_raw, where)
     _check_ranges(config)
+    passthrough.validate_library_configs(config, where)
     return config
 
 
 def _check_ranges(config: SFTJobConfig) -> None:
+    def fail(key: str, text: str) -> None:
+        at = config.origins.get(key)
+        raise UserError(f"{at}: {text}" if at else text)
+
     if not 0.0 <= config.eval_fraction < 1.0:
-        raise UserError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}.")
+        fail("eval_fraction", f"eval_fraction must be in [0, 1), got {config.eval_fraction}.")
     if config.max_length < 8:
-        raise UserError(f"max_length must be at least 8 tokens, got {config.max_length}.")
+        fail("max_length", f"max_length must be at least 8 tokens, got {config.max_length}.")
     if config.max_steps == 0 or config.max_steps < -1:
-        raise UserError(f"max_steps must be -1 (use epochs) or positive, got {config.max_steps}.")
+        fail("max_steps", f"max_steps must be -1 (use epochs) or positive, got {config.max_steps}.")
     for name in ("lora_r", "lora_alpha", "save_steps", "logging_steps", "save_total_limit", "num_virtual_tokens"):
         if getattr(config, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}.")
+            fail(name, f"{name} must be at least 1, got {getattr(config, name)}.")
     if config.max_samples is not None and config.max_samples < 1:
-        raise UserError(f"max_samples must be at least 1, got {config.max_samples}.")
-    if config.machine_type is not None:
-        from cpuft.planning.cloud import MACHINE_TYPES
-
-        if config.machine_type not in MACHINE_TYPES:
-            raise UserError(
-                f"machine_type '{config.machine_type}' is not a known GCP machine type; known:"
-                f" {', '.join(MACHINE_TYPES)}."
-            )
+        fail("max_samples", f"max_samples must be at least 1, got {config.max_samples}.")

@@ -1,7 +1,11 @@
-"""Held-out loss: cpuft's one evaluator, used by `cpuft eval`, the bench and the tests.
+"""Held-out loss: cpuft's one evaluator, used by `cpuft eval`, the bench and the tests; and the
+prompt/reference split `cpuft eval` writes sample generations from.
 
 The trainer's own end-of-run `eval_loss` comes from TRL; this scorer is built to match it on the
 same rows (same tokenisation), so a reloaded adapter can be checked against the run that made it.
+
+Limits: rows are scored in full (truncated to `max_length`), no sliding window; the logits of a
+batch are held in fp32 at once (batch x length x vocabulary floats).
 """
 
 from __future__ import annotations
@@ -71,3 +75,9 @@ def _tokenize_row(tokenizer, row: dict, assistant_only: bool, max_length: int) -
         ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
         scored = [True] * len(ids)
     return ids[:max_length], scored[:max_length]
+
+
+def split_prompt_reference(messages: list[dict]) -> tuple[list[dict], str]:
+    """A conversation -> (everything before the last assistant turn, that turn's text)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]

@@ -10,9 +10,16 @@ Methods (each is usable only where its package imports; `available_int8_methods(
                             upstream in favour of torchao, still shipped in torch 2.13.
 - bnb-llm-int8              bitsandbytes LLM.int8 (int8 matmul with fp16 outlier columns, threshold 6).
 
+Activation dtype: each method says which model dtypes its int8 linear accepts as input
+(`Int8Method.activation_dtypes`). torch-dynamic's quantised linear takes fp32 only (bf16 input
+fails with "expected scalar type Float but found BFloat16"), so on CPUs where the plan picks bf16
+(AMX, AVX-512-BF16) `int8_model_dtype` runs that method's model in fp32 and says so; the torchao
+and bitsandbytes paths accept fp32, bf16 and fp16 and keep the planned dtype.
+
 `default_int8_method(machine)` picks the method that measured best for the machine's CPU kind
-(`scripts/bench_int8.py`, numbers in docs/int8.md). Only AVX2 (AMD, no AVX-512, no AMX) has been
-measured; the AVX-512 and AMX rows fall back to the AVX2 choice until someone measures them.
+(`scripts/bench_int8.py`, numbers in docs/int8.md): AVX2 and AVX-512 (VNNI) were measured
+against fp32; on AMX only against fp32 with fp32 forced (no bf16 baseline yet), and "other"
+repeats the choice unmeasured.
 
 Limits: every nn.Linear is quantised, lm_head included (it is the largest matmul of a decode step
 with a real vocabulary). A LoRA adapter must be merged first (`cpuft.inference.loading` does that): a
@@ -26,6 +33,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 
+from cpuft.dtypes import DTYPE_NAMES
 from cpuft.errors import UserError
 from cpuft.hardware.probe import Machine
 
@@ -36,6 +44,8 @@ class Int8Method:
     package: str  # the import that must succeed
     install_hint: str
     summary: str
+    # Model dtypes (cpuft names) whose activations the quantised linear accepts as input.
+    activation_dtypes: tuple[str, ...] = DTYPE_NAMES
 
 
 INT8_METHODS: dict[str, Int8Method] = {
@@ -52,6 +62,8 @@ INT8_METHODS: dict[str, Int8Method] = {
         Int8Method(
             "torch-dynamic", "torch", "(ships with torch)",
             "torch.ao dynamic quantisation, per-channel int8 weights, fbgemm int8 GEMM (deprecated upstream)",
+            # fbgemm's quantize-per-token step reads fp32 input only.
+            activation_dtypes=("fp32",),
         ),
         Int8Method(
             "bnb-llm-int8", "bitsandbytes", "pip install 'cpuft[quant]'",
@@ -62,12 +74,13 @@ INT8_METHODS: dict[str, Int8Method] = {
 
 # Best measured method per CPU kind (scripts/bench_int8.py on a 128M-parameter Llama, docs/int8.md).
 # "avx2" (2-core AMD, shared machine) and "avx512" (2-core AMD Zen 4 class with AVX-512 VNNI/BF16,
-# quiet: torch-dynamic 3.4-4x fp32) were measured; the others repeat the choice until measured.
+# quiet: torch-dynamic 3.4-4x fp32) were measured; "amx" against fp32 only (2-core Xeon, one
+# round: torch-dynamic 2.2x prefill, 2.4x decode; bf16 baseline owed); "other" is not measured.
 DEFAULT_INT8_BY_CPU_KIND = {
-    "amx": "torch-dynamic",  # not measured
-    "avx512": "torch-dynamic",  # measured
-    "avx2": "torch-dynamic",  # measured
-    "other": "torch-dynamic",  # not measured
+    "amx": "torch-dynamic",
+    "avx512": "torch-dynamic",
+    "avx2": "torch-dynamic",
+    "other": "torch-dynamic",
 }
 
 
@@ -91,6 +104,23 @@ def default_int8_method(machine: Machine) -> str:
     return next(name for name, missing in available.items() if missing is None)
 
 
+def int8_model_dtype(method: str, planned_dtype: str) -> tuple[str, str | None]:
+    """The dtype to load and run the model in for `method`, given the dtype the plan chose, and
+    why when the two differ (None when the planned dtype is kept)."""
+    if method not in INT8_METHODS:
+        raise UserError(f"unknown int8 method {method!r}; choose one of: {', '.join(INT8_METHODS)}.")
+    accepted = INT8_METHODS[method].activation_dtypes
+    if planned_dtype in accepted:
+        return planned_dtype, None
+    usable = available_int8_methods()
+    keeps = [name for name, m in INT8_METHODS.items() if planned_dtype in m.activation_dtypes and usable[name] is None]
+    alternative = f" (--int8-method {keeps[0]} keeps {planned_dtype})" if keeps else ""
+    return accepted[0], (
+        f"{method} runs in {accepted[0]}, not {planned_dtype}: its int8 linear layers take"
+        f" {'/'.join(accepted)} activations only{alternative}."
+    )
+
+
 def available_int8_methods() -> dict[str, str | None]:
     """Method name -> None if usable here, else why not (and how to install it)."""
     result = {}
@@ -112,6 +142,11 @@ def quantize_for_cpu_inference(model, method: str):
     missing = available_int8_methods()[method]
     if missing is not None:
         raise UserError(f"int8 method {method} is not available: it {missing}.")
+    dtype = _dtype_name(model)
+    if dtype not in INT8_METHODS[method].activation_dtypes:
+        # Caught here rather than as a dtype mismatch deep inside the first forward pass.
+        raise ValueError(f"{method} needs a {'/'.join(INT8_METHODS[method].activation_dtypes)} model, got {dtype};"
+                         " load it in the dtype int8_model_dtype() returns.")
     model.eval()
     if method == "torchao-int8-weight-only":
         from torchao.quantization import Int8WeightOnlyConfig
@@ -126,6 +161,14 @@ def quantize_for_cpu_inference(model, method: str):
     elif method == "bnb-llm-int8":
         _bnb_llm_int8(model)
     return model
+
+
+def _dtype_name(model) -> str:
+    from cpuft.dtypes import torch_dtype
+
+    by_torch_dtype = {torch_dtype(name): name for name in DTYPE_NAMES}
+    weight = next(model.parameters())
+    return by_torch_dtype.get(weight.dtype, str(weight.dtype))
 
 
 def import_torchao_quietly():

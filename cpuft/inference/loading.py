@@ -1,4 +1,6 @@
-"""Load a fine-tune for answering: base + LoRA adapter, or a merged model; generate, stream, score.
+"""Load a fine-tune for answering: resolve what `--model` names, load base + LoRA adapter or a
+merged model, the tokenizer, and the precision asked for. Generating text is
+`cpuft.inference.generate`; scoring is `cpuft.inference.evaluate`.
 
 What `--model` may name (`resolve_source`):
 - a cpuft run directory (has config.yaml / summary.json): its adapter/ is used;
@@ -10,9 +12,12 @@ Before an adapter is applied, every module it targets is checked against the bas
 same in/out features), so an adapter for another base fails with a message, not a shape trace.
 The tokenizer comes from the adapter directory (cpuft saves it there) or else from the base.
 
-Precision: fp32 / bf16 weights (`dtype`), `int8=<method>` (the adapter is merged first, then
-`cpuft.inference.int8` quantises every linear layer), or `nf4=True` (bitsandbytes 4-bit base, adapter on
-top; the CUDA path, also runs on x86 CPUs).
+Precision: fp32 / bf16 / fp16 weights (`dtype`), `int8=<method>` (the adapter is merged first,
+then `cpuft.inference.int8` quantises every linear layer; a method that cannot take the requested
+dtype's activations runs in the dtype it can, recorded in `LoadedModel.notes`), or `nf4=True`
+(bitsandbytes 4-bit base, adapter on top; the CUDA path, also runs on x86 CPUs).
+
+Limits: LoRA adapters only (PEFT's other methods are refused); one device per model.
 
 Raises UserError (exit 2) for: a run directory without adapter/, a missing adapter or model, an
 adapter that does not fit the base, a missing tokenizer, an unusable int8 method.
@@ -21,8 +26,6 @@ adapter that does not fit the base, a missing tokenizer, an unusable int8 method
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,8 +61,8 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     source: ModelSource
-    precision: str  # "fp32", "bf16", "int8 (torch-dynamic)", "nf4", ...
-    notes: list[str] = field(default_factory=list)
+    precision: str  # "fp32", "bf16", "int8 (torch-dynamic, fp32 activations)", "nf4", ...
+    notes: list[str] = field(default_factory=list)  # choices that differ from what was asked, and why
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -158,7 +161,7 @@ def load_for_inference(
     nf4: bool = False,
     merge: bool = False,
 ) -> LoadedModel:
-    """Load tokenizer and model for `source`, checked and ready for `generate`/`evaluate_loss`.
+    """Load tokenizer and model for `source`, checked and ready for generating and scoring.
 
     `merge=True` folds the adapter into the base weights (faster per token, no PEFT at run time);
     int8 implies it.
@@ -168,6 +171,13 @@ def load_for_inference(
         raise UserError("--int8 and --nf4 are two different quantisations; choose one.")
     if int8 and device != "cpu":
         raise UserError("--int8 is the CPU inference path; on CUDA use --nf4.")
+    notes = []
+    if int8:
+        from cpuft.inference.int8 import int8_model_dtype
+
+        dtype, why = int8_model_dtype(int8, dtype)
+        if why:
+            notes.append(why)
     tokenizer = load_tokenizer(source)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if nf4:
@@ -182,7 +192,6 @@ def load_for_inference(
     model = _load_model_weights(source.model, kwargs, what="base model" if source.kind == "adapter" else "model")
     if device == "cuda" and not nf4:
         model = model.to("cuda")
-    notes = []
     if source.kind == "adapter":
         check_adapter_fits(source.adapter_dir, model)
         from peft import PeftModel
@@ -199,7 +208,7 @@ def load_for_inference(
         from cpuft.inference.int8 import quantize_for_cpu_inference
 
         quantize_for_cpu_inference(model, int8)
-        precision = f"int8 ({int8})"
+        precision = f"int8 ({int8}, {dtype} activations)"
     return LoadedModel(model, tokenizer, source, precision, notes)
 
 
@@ -282,91 +291,9 @@ def check_adapter_fits(adapter_dir: Path, base_model) -> None:
                 )
 
 
-# ----------------------------------------------------------------------------- generating
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    def generate_kwargs(self, tokenizer) -> dict:
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "repetition_penalty": self.repetition_penalty,
-        }
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
-
-
-def prompt_ids(tokenizer, messages: list[dict] | None = None, text: str | None = None, device: str = "cpu"):
-    """Token ids for a chat (via the chat template, with the assistant turn opened) or raw text."""
-    if messages is not None:
-        if not tokenizer.chat_template:
-            raise UserError(
-                "the tokenizer has no chat template, so a chat cannot be formatted. Use --raw to"
-                " continue plain text, or a chat/instruct model."
-            )
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-    else:
-        ids = tokenizer(text, return_tensors="pt")
-    return {k: v.to(device) for k, v in ids.items() if k in ("input_ids", "attention_mask")}
-
-
-def generate(loaded: LoadedModel, settings: GenerationSettings, messages=None, text=None) -> str:
-    """The model's continuation (new tokens only, special tokens stripped)."""
-    import torch
-
-    inputs = prompt_ids(loaded.tokenizer, messages, text, device=device_of(loaded.model))
-    torch.manual_seed(settings.seed)
-    with torch.inference_mode():
-        output = loaded.model.generate(**inputs, **settings.generate_kwargs(loaded.tokenizer))
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
-    return loaded.tokenizer.decode(new_tokens, skip_special_tokens=True)
-
-
-def stream(loaded: LoadedModel, settings: GenerationSettings, messages=None, text=None) -> Iterator[str]:
-    """Yield text pieces as they are generated (generation runs in a background thread)."""
-    import torch
-    from transformers import TextIteratorStreamer
-
-    inputs = prompt_ids(loaded.tokenizer, messages, text, device=device_of(loaded.model))
-    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        torch.manual_seed(settings.seed)
-        try:
-            with torch.inference_mode():
-                loaded.model.generate(**inputs, **settings.generate_kwargs(loaded.tokenizer), streamer=streamer)
-        except BaseException as exc:  # re-raised in the caller's thread below
-            failure.append(exc)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if failure:
-        raise failure[0]
-
-
 def device_of(model) -> str:
+    """Where the model's weights are ("cpu", "cuda:0"): inputs must be moved there."""
     try:
         return str(next(model.parameters()).device)
     except StopIteration:
         return "cpu"
-
-
-def split_prompt_reference(messages: list[dict]) -> tuple[list[dict], str]:
-    """A conversation -> (everything before the last assistant turn, that turn's text)."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]

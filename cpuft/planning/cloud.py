@@ -1,35 +1,59 @@
-"""How long a run takes and what it costs: declared cloud machine types, FLOPs per token, time, dollars.
+"""How long a run takes and what it costs: declared cloud machine types, time, dollars.
 
-Machine types are GCP's, with declared figures a user can check: vCPUs, RAM, the accelerator,
-peak dense FLOP/s per dtype and the hourly us-central1 price (on-demand and spot). Peaks are
-theoretical (cores x all-core turbo x FLOP/cycle, or the GPU datasheet); real training reaches a
-fraction of them, which is why every estimate carries an explicit utilisation.
+Machine types are GCP's. Their hardware (vCPUs, RAM, CPU and its flags, all-core turbo clock,
+the GPU) is declared here; their peak dense FLOP/s per dtype come from `cpuft.hardware.peaks`
+(cores x all-core turbo x FLOP/cycle, or the GPU datasheet); their hourly us-central1 prices
+(on-demand and spot) come from `gcp_prices.csv` beside this module, the same file Terraform
+reads for `infra/` (`price_table_csv`). Peaks are theoretical; real training reaches a fraction
+of them, which is why every estimate carries an explicit utilisation.
 
-Prices move. The c3-standard-22/44 figures are from early-2025 us-central1 price data; the others
-are labelled approximate. `--price-per-hour` overrides them.
+Prices move. The c3-standard-22/44 figures are from early-2025 us-central1 price data; the rows
+marked approximate in the CSV are derived or estimated, and the time estimate says so.
+Every declared machine type must have a row in the CSV (import fails otherwise); the CSV may
+price more types than are declared here (Terraform can provision them).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass, field
+from importlib import resources
 
+from cpuft.hardware.peaks import cpu_peak_flops, gpu_peak_flops
 from cpuft.hardware.probe import CudaDevice, Machine
 from cpuft.planning.flops import training_flops_per_token
 
 GB = 10**9
 GIB = 2**30
+PRICE_TABLE = "gcp_prices.csv"
 
 SAPPHIRE_RAPIDS_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_f", "avx512_vnni", "avx2", "fma3")
 ICE_LAKE_FLAGS = ("avx512_f", "avx512_vnni", "avx2", "fma3")
 CASCADE_LAKE_FLAGS = ("avx512_f", "avx512_vnni", "avx2", "fma3")
 
 
-def _cpu_peaks(cores: int, ghz: float, amx: bool) -> dict[str, float]:
-    """cores x GHz x FLOP/cycle: AMX bf16 1024, AVX-512 fp32 64 (2 FMA units x 16 lanes x 2)."""
-    peaks = {"fp32": cores * ghz * 1e9 * 64}
-    if amx:
-        peaks["bf16"] = cores * ghz * 1e9 * 1024
-    return peaks
+@dataclass(frozen=True)
+class Price:
+    on_demand_usd_per_hour: float
+    spot_usd_per_hour: float
+    approximate: bool
+    note: str = ""
+
+
+def read_price_table(text: str | None = None) -> dict[str, Price]:
+    """{machine type: Price} from the CSV text (default: the packaged gcp_prices.csv)."""
+    if text is None:
+        text = resources.files("cpuft.planning").joinpath(PRICE_TABLE).read_text()
+    prices = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        prices[row["machine_type"]] = Price(
+            on_demand_usd_per_hour=float(row["on_demand_usd_per_hour"]),
+            spot_usd_per_hour=float(row["spot_usd_per_hour"]),
+            approximate=row.get("approximate", "yes").strip().lower() != "no",
+            note=row.get("note", ""),
+        )
+    return prices
 
 
 @dataclass(frozen=True)
@@ -40,12 +64,11 @@ class MachineType:
     cpu_name: str
     cpu_flags: tuple[str, ...]
     cpu_ghz: float  # all-core turbo
-    peak_flops: dict[str, float]  # dtype -> dense peak FLOP/s of the device that trains
     on_demand_usd_per_hour: float
     spot_usd_per_hour: float
     prices_approximate: bool = True
     gpu: CudaDevice | None = None
-    note: str = ""
+    price_note: str = ""  # where the price comes from (the CSV's note column)
 
     @property
     def physical_cores(self) -> int:
@@ -65,68 +88,77 @@ class MachineType:
             cuda_devices=(self.gpu,) if self.gpu else (),
         )
 
+    @property
+    def peak_flops(self) -> dict[str, float]:
+        """dtype -> dense peak FLOP/s of the device that trains (the GPU if there is one)."""
+        if self.gpu is not None:
+            peaks = {dtype: gpu_peak_flops(self.gpu.name, dtype)[0] for dtype in ("bf16", "fp16", "fp32")}
+            return {dtype: peak for dtype, peak in peaks.items() if peak}
+        machine = self.as_machine()
+        dtypes = ["fp32"]
+        if machine.native_bf16:
+            dtypes.append("bf16")
+        if machine.has("amx_fp16"):
+            dtypes.append("fp16")
+        return {
+            dtype: cpu_peak_flops(self.physical_cores, machine.cpu_max_mhz, machine.cpu_flags, dtype,
+                                  machine.vendor, machine.cpu_family)[0]
+            for dtype in dtypes
+        }
+
     def peak_for(self, dtype: str) -> float | None:
         return self.peak_flops.get(dtype)
 
 
-def _c3(vcpus: int, on_demand: float, spot: float, approximate: bool) -> MachineType:
-    return MachineType(
-        name=f"c3-standard-{vcpus}", vcpus=vcpus, ram_bytes=4 * vcpus * GB,
-        cpu_name="Intel Xeon Platinum 8481C (Sapphire Rapids)", cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.0,
-        peak_flops=_cpu_peaks(vcpus // 2, 3.0, amx=True), on_demand_usd_per_hour=on_demand,
-        spot_usd_per_hour=spot, prices_approximate=approximate,
-    )
+def _declared_machine_types(prices: dict[str, Price]) -> dict[str, MachineType]:
+    def priced(name: str, **spec) -> MachineType:
+        if name not in prices:
+            raise RuntimeError(f"cpuft/planning/{PRICE_TABLE} has no row for declared machine type {name}")
+        price = prices[name]
+        return MachineType(
+            name=name, on_demand_usd_per_hour=price.on_demand_usd_per_hour,
+            spot_usd_per_hour=price.spot_usd_per_hour, prices_approximate=price.approximate,
+            price_note=price.note, **spec,
+        )
 
+    def c3(vcpus: int) -> MachineType:
+        return priced(f"c3-standard-{vcpus}", vcpus=vcpus, ram_bytes=4 * vcpus * GB,
+                      cpu_name="Intel Xeon Platinum 8481C (Sapphire Rapids)", cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.0)
 
-def _c4(vcpus: int) -> MachineType:
-    # Emerald Rapids, 3.1 GHz all-core; ~$0.0505 per vCPU-hour on demand, spot ~ 0.2x (approximate).
-    return MachineType(
-        name=f"c4-standard-{vcpus}", vcpus=vcpus, ram_bytes=int(3.75 * vcpus * GB),
-        cpu_name="Intel Xeon Platinum 8581C (Emerald Rapids)", cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.1,
-        peak_flops=_cpu_peaks(vcpus // 2, 3.1, amx=True),
-        on_demand_usd_per_hour=round(0.0505 * vcpus, 2), spot_usd_per_hour=round(0.0101 * vcpus, 2),
-    )
+    def c4(vcpus: int) -> MachineType:
+        # Emerald Rapids, 3.1 GHz all-core.
+        return priced(f"c4-standard-{vcpus}", vcpus=vcpus, ram_bytes=int(3.75 * vcpus * GB),
+                      cpu_name="Intel Xeon Platinum 8581C (Emerald Rapids)", cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.1)
 
+    def n2(vcpus: int) -> MachineType:
+        # Ice Lake (AVX-512, no bf16 instructions), 3.1 GHz all-core.
+        return priced(f"n2-standard-{vcpus}", vcpus=vcpus, ram_bytes=4 * vcpus * GB,
+                      cpu_name="Intel Xeon (Ice Lake)", cpu_flags=ICE_LAKE_FLAGS, cpu_ghz=3.1)
 
-def _n2(vcpus: int) -> MachineType:
-    # Ice Lake (AVX-512, no bf16 instructions), 3.1 GHz all-core; ~$0.0486/vCPU-hour (approximate).
-    return MachineType(
-        name=f"n2-standard-{vcpus}", vcpus=vcpus, ram_bytes=4 * vcpus * GB,
-        cpu_name="Intel Xeon (Ice Lake)", cpu_flags=ICE_LAKE_FLAGS, cpu_ghz=3.1,
-        peak_flops=_cpu_peaks(vcpus // 2, 3.1, amx=False),
-        on_demand_usd_per_hour=round(0.0486 * vcpus, 2), spot_usd_per_hour=round(0.0117 * vcpus, 2),
-    )
-
-
-MACHINE_TYPES: dict[str, MachineType] = {
-    m.name: m
-    for m in [
-        _c3(22, 1.11, 0.20, approximate=False),
-        _c3(44, 2.22, 0.41, approximate=False),
-        _c3(88, 4.44, 0.82, approximate=True),
-        *(_c4(n) for n in (8, 16, 32, 48, 96, 192)),
-        *(_n2(n) for n in (8, 16, 32, 64, 128)),
-        MachineType(
-            name="g2-standard-8", vcpus=8, ram_bytes=32 * GB, cpu_name="Intel Xeon (Cascade Lake)",
-            cpu_flags=CASCADE_LAKE_FLAGS, cpu_ghz=3.1, peak_flops={"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
-            on_demand_usd_per_hour=0.85, spot_usd_per_hour=0.34,
+    types = [
+        *(c3(n) for n in (4, 8, 22, 44, 88)),
+        *(c4(n) for n in (8, 16, 32, 48, 96, 192)),
+        *(n2(n) for n in (8, 16, 32, 64, 128)),
+        priced(
+            "g2-standard-8", vcpus=8, ram_bytes=32 * GB, cpu_name="Intel Xeon (Cascade Lake)",
+            cpu_flags=CASCADE_LAKE_FLAGS, cpu_ghz=3.1,
             gpu=CudaDevice(name="NVIDIA L4", total_memory_bytes=24 * GB, bf16_supported=True, compute_capability="8.9"),
         ),
-        MachineType(
-            name="a2-highgpu-1g", vcpus=12, ram_bytes=85 * GB, cpu_name="Intel Xeon (Cascade Lake)",
-            cpu_flags=CASCADE_LAKE_FLAGS, cpu_ghz=3.1, peak_flops={"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-            on_demand_usd_per_hour=3.67, spot_usd_per_hour=1.10,
+        priced(
+            "a2-highgpu-1g", vcpus=12, ram_bytes=85 * GB, cpu_name="Intel Xeon (Cascade Lake)",
+            cpu_flags=CASCADE_LAKE_FLAGS, cpu_ghz=3.1,
             gpu=CudaDevice(name="NVIDIA A100-SXM4-40GB", total_memory_bytes=40 * GIB, bf16_supported=True, compute_capability="8.0"),
         ),
-        MachineType(
-            name="a3-highgpu-1g", vcpus=26, ram_bytes=234 * GB, cpu_name="Intel Xeon Platinum 8481C (Sapphire Rapids)",
-            cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.0, peak_flops={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-            on_demand_usd_per_hour=11.06, spot_usd_per_hour=3.50,
+        priced(
+            "a3-highgpu-1g", vcpus=26, ram_bytes=234 * GB, cpu_name="Intel Xeon Platinum 8481C (Sapphire Rapids)",
+            cpu_flags=SAPPHIRE_RAPIDS_FLAGS, cpu_ghz=3.0,
             gpu=CudaDevice(name="NVIDIA H100 80GB HBM3", total_memory_bytes=80 * GIB, bf16_supported=True, compute_capability="9.0"),
-            note="a3-highgpu-1g is sold as spot / flex-start; on-demand figure is 1/8 of a3-highgpu-8g",
         ),
     ]
-}
+    return {m.name: m for m in types}
+
+
+MACHINE_TYPES: dict[str, MachineType] = _declared_machine_types(read_price_table())
 
 
 def machine_type(name: str) -> MachineType:
@@ -207,9 +239,10 @@ def estimate_run_time(
     seconds = tokens * flops_per_token / (flops_per_second * utilization)
     all_notes = list(notes)
     if machine is not None and machine.prices_approximate:
-        all_notes.append(f"{machine.name} prices are approximate us-central1 figures; pass --price-per-hour to override")
-    if machine is not None and machine.note:
-        all_notes.append(machine.note)
+        all_notes.append(
+            f"{machine.name} prices are approximate us-central1 figures ({machine.price_note});"
+            " check current prices"
+        )
     return TimeEstimate(
         tokens=tokens, epochs=epochs, flops_per_token=flops_per_token, flops_per_second=flops_per_second,
         flops_source=flops_source, utilization=utilization, seconds_per_epoch=seconds,

@@ -33,7 +33,7 @@ def training_flops_per_token(
     linear_matmul_params: int, trainable_params: int, num_layers: int, hidden_size: int,
     seq_len: float, full_finetune: bool, gradient_checkpointing: bool,
 ) -> float:
-    """Matmul FLOPs per trained token (the nanoGPT/PaLM convention, as cpuft.train.metrics uses).
+    """Matmul FLOPs per trained token (the nanoGPT/PaLM convention).
 
     Forward 2N; backward to activations 2N; backward to weights 2N for full fine-tuning, only the
     adapter's for PEFT; checkpointing runs the forward twice. Attention 12 * L * h * s.

@@ -449,12 +449,15 @@ def options_that_fit(shape: ModelShape, settings: RunSettings, capacity_bytes: i
 
 
 def usable_capacity(machine, device: str) -> tuple[int | None, str]:
-    """(bytes a run may use, label) on a probed Machine: most of its RAM, or its first GPU."""
+    """(bytes a run may use, label) on a probed Machine: most of its RAM (capped by the cgroup
+    memory limit, as the probe reports it), or of its first GPU."""
     if device == "cuda" and machine.cuda_devices:
         gpu = machine.cuda_devices[0]
         return int(gpu.total_memory_bytes * GPU_USABLE_FRACTION), f"{GPU_USABLE_FRACTION:.0%} of {gpu.name}"
     if machine.ram_bytes:
-        return int(machine.ram_bytes * CPU_USABLE_FRACTION), f"{CPU_USABLE_FRACTION:.0%} of {machine.ram_bytes / GIB:.0f} GiB RAM"
+        limited = machine.cgroup_memory_limit_bytes is not None and machine.cgroup_memory_limit_bytes <= machine.ram_bytes
+        what = "the cgroup memory limit" if limited else "RAM"
+        return int(machine.ram_bytes * CPU_USABLE_FRACTION), f"{CPU_USABLE_FRACTION:.0%} of {machine.ram_bytes / GIB:.0f} GiB {what}"
     return None, "unknown"
 
 

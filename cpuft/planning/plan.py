@@ -10,7 +10,9 @@ Rules (each is a measured fact, see README "Why the plan says what it says"):
 - CUDA: bf16 where the GPU has it (Ampere+), else fp16; NF4 QLoRA when asked or when bf16 weights
   would not fit in GPU memory.
 - Gradient checkpointing off unless memory requires it: it recomputes the forward pass (~1.5x
-  slower measured here).
+  slower measured here). `plan_for` does not see the memory estimate;
+  `cpuft.planning.fit.fit_plan_to_memory` does, and turns checkpointing (or a smaller micro-batch,
+  or NF4) on when the run would not fit otherwise.
 - One compute thread per physical core: hyperthreads share the FMA/AMX units and only add
   contention.
 
@@ -27,32 +29,13 @@ from typing import Literal
 from cpuft.config.choices import DeviceRequest, DtypeRequest, QuantRequest
 from cpuft.dtypes import DTYPE_BYTES
 from cpuft.errors import PlanError
+from cpuft.hardware.peaks import cpu_peak_flops, gpu_peak_flops
 from cpuft.hardware.probe import Machine
 
 # Fraction of GPU memory bf16 weights may take before the planner switches to NF4: the rest is
 # needed for activations, LoRA optimizer state and the CUDA context.
 GPU_WEIGHTS_BUDGET = 0.6
 
-# Dense peak FLOP/cycle/core by compute path (2 FMA units per core on every listed x86 core).
-CPU_FLOP_PER_CYCLE = {
-    "amx_bf16": 1024,  # AMX: 512 bf16 FMA per cycle per core
-    "avx512_bf16": 128,  # VDPBF16PS: 2 units x 16 fp32 lanes x 2 products, FMA
-    "avx512_fp32": 64,
-    "avx2_fp32": 32,
-}
-# Dense bf16/fp16 tensor-core peaks (datasheets, no sparsity); fp32 is not the target on GPUs.
-GPU_PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "A10": 125.0,
-    "T4": 65.0,
-    "V100": 125.0,
-}
-DEFAULT_CPU_MHZ = 2000.0
 # Attention implementations whose masks honour packed position_ids, so packed samples stay apart
 # (why: the docstring of cpuft.data.packing; proof: tests/test_packing.py).
 PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -165,14 +148,7 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
         compute_dtype = _choose_cpu_dtype(machine, request.dtype, reasons, warnings)
         quantization = _choose_cpu_quant(request.quant, reasons, warnings, machine, request, compute_dtype)
     weights_dtype = compute_dtype
-    reasons["weights_dtype"] = (
-        "the base model is frozen under LoRA, so it needs no fp32 master copy: half the memory"
-        " and no per-step cast"
-        if weights_dtype != "fp32"
-        else "fp32 end to end"
-    )
-    if quantization != "none":
-        reasons["weights_dtype"] = f"{quantization} storage, dequantised to {compute_dtype} for compute"
+    reasons["weights_dtype"] = weights_dtype_reason(quantization, compute_dtype)
 
     threads = _choose_threads(machine, request.threads, reasons, warnings)
 
@@ -190,12 +166,15 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
             f"per_device_batch_size ({batch}) and gradient_accumulation_steps ({accumulation})"
             " must be at least 1."
         )
-    reasons["batch"] = (
-        "requested"
-        if request.per_device_batch_size and request.gradient_accumulation_steps
-        else f"default for {device}: small micro-batches keep padding low, accumulation keeps"
-        " the optimizer batch at 16"
-    )
+    if request.per_device_batch_size and request.gradient_accumulation_steps:
+        reasons["batch"] = "requested"
+    elif request.per_device_batch_size or request.gradient_accumulation_steps:
+        reasons["batch"] = f"requested {'micro-batch' if request.per_device_batch_size else 'accumulation'}; the other is {device}'s default"
+    else:
+        reasons["batch"] = (
+            f"default for {device}: small micro-batches keep padding low, accumulation keeps"
+            " the optimizer batch at 16"
+        )
 
     if request.gradient_checkpointing is not None:
         checkpointing = request.gradient_checkpointing
@@ -211,7 +190,8 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
     else:
         checkpointing = False
         reasons["gradient_checkpointing"] = (
-            "off: it recomputes the forward pass (~1.5x slower measured) and memory is not short"
+            "off: it recomputes the forward pass (~1.5x slower measured); the memory check turns it"
+            " on when the run would not fit without it"
         )
 
     if request.packing:
@@ -265,6 +245,17 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
         warnings=tuple(warnings),
         torch_compile=torch_compile,
     )
+
+
+def weights_dtype_reason(quantization: str, compute_dtype: str) -> str:
+    if quantization != "none":
+        return f"{quantization} storage, dequantised to {compute_dtype} for compute"
+    if compute_dtype != "fp32":
+        return (
+            "the base model is frozen under LoRA, so it needs no fp32 master copy: half the memory"
+            " and no per-step cast"
+        )
+    return "fp32 end to end"
 
 
 def _choose_compile(request: PlanRequest, device: str, reasons: dict) -> bool:
@@ -431,24 +422,9 @@ def _choose_threads(machine: Machine, requested: int | None, reasons: dict, warn
 
 def _peak_flops(machine: Machine, device: str, dtype: str, threads: int, reasons: dict) -> float | None:
     if device == "cuda":
-        name = machine.cuda_devices[0].name
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                reasons["peak_flops"] = f"datasheet dense {dtype} peak for {key}"
-                return tflops * 1e12
-        reasons["peak_flops"] = f"no datasheet figure for {name}"
-        return None
-    if dtype == "bf16" and machine.has("amx_bf16"):
-        path = "amx_bf16"
-    elif dtype == "bf16" and machine.has("avx512_bf16"):
-        path = "avx512_bf16"
-    elif machine.has("avx512_f"):
-        path = "avx512_fp32"
-    else:
-        path = "avx2_fp32"
-    mhz = machine.cpu_max_mhz or DEFAULT_CPU_MHZ
-    reasons["peak_flops"] = (
-        f"{threads} cores x {mhz / 1000:.2f} GHz x {CPU_FLOP_PER_CYCLE[path]} FLOP/cycle ({path});"
-        " theoretical, real GEMMs reach less"
-    )
-    return threads * mhz * 1e6 * CPU_FLOP_PER_CYCLE[path]
+        peak, source = gpu_peak_flops(machine.cuda_devices[0].name, dtype)
+        reasons["peak_flops"] = f"datasheet {source}" if peak else source
+        return peak
+    peak, how = cpu_peak_flops(threads, machine.cpu_max_mhz, machine.cpu_flags, dtype, machine.vendor, machine.cpu_family)
+    reasons["peak_flops"] = f"{how}; theoretical, real GEMMs reach less"
+    return peak

@@ -16,15 +16,21 @@ def machine_rows(machine: Machine) -> list[tuple[str, str]]:
     ) or "none"
     flags = ", ".join(sorted(machine.cpu_flags)) or "none of the planner's"
     mhz = f"{machine.cpu_max_mhz:.0f} MHz" if machine.cpu_max_mhz else "unknown"
+    cpu_limit = (
+        f" (cgroup CPU quota {machine.cgroup_cpu_limit:g} CPUs)" if machine.cgroup_cpu_limit is not None else ""
+    )
+    ram = f"{machine.ram_bytes / 2**30:.1f} GiB usable"
+    if machine.cgroup_memory_limit_bytes is not None:
+        ram += f" (cgroup memory limit {machine.cgroup_memory_limit_bytes / 2**30:.1f} GiB)"
     return [
         ("cpu", f"{machine.cpu_name}: {machine.cpu_summary}"),
         ("cpu flags", flags),
         ("torch cpu isa", machine.torch_cpu_isa or "unknown"),
         ("cores", f"{machine.physical_cores} physical, {machine.logical_cores} logical,"
-                  f" {machine.usable_cpus} usable, {machine.sockets} socket(s)"),
+                  f" {machine.usable_cpus} usable{cpu_limit}, {machine.sockets} socket(s)"),
         ("numa nodes", str(machine.numa_nodes)),
         ("clock", mhz),
-        ("ram", f"{machine.ram_bytes / 2**30:.1f} GiB"),
+        ("ram", ram),
         ("cuda", gpus),
         ("torch", machine.torch_version or "unknown"),
     ]

@@ -52,7 +52,7 @@ def build_tiny_model(out_dir: str | Path, texts: Iterable[str] | None = None, sp
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if texts is None:
-        texts = _sample_texts()
+        texts = sample_texts()
     tokenizer = train_tokenizer(texts, spec.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -78,8 +78,38 @@ def build_tiny_model(out_dir: str | Path, texts: Iterable[str] | None = None, sp
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """Byte-level BPE (no unknown tokens) with the chat special tokens, wrapped for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE (no unknown tokens) with the ChatML special tokens, wrapped for transformers."""
+    return train_bpe_tokenizer(
+        texts, vocab_size, special_tokens=[PAD, BOS, IM_START, IM_END],
+        pad_token=PAD, bos_token=BOS, eos_token=IM_END, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: list[str],
+    pad_token: str,
+    eos_token: str,
+    bos_token: str | None = None,
+    chat_template: str | None = None,
+    append_eos: bool = False,
+):
+    """Byte-level BPE trained on `texts`, with `special_tokens` first in the vocabulary (as atomic,
+    special added tokens), wrapped as a PreTrainedTokenizerFast.
+
+    `append_eos` adds `eos_token` after every encoded text, as T5's tokenizer does for seq2seq
+    inputs and targets. Every token in `special_tokens` is matched whole in text, so a chat
+    template's markers (<|eot_id|>, <end_of_turn>, ...) encode to one id each, as in the real tokenizers.
+    """
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
@@ -87,20 +117,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, IM_START, IM_END],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
+    if append_eos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos_token}", pair=f"$A {eos_token} $B {eos_token}",
+            special_tokens=[(eos_token, backend.token_to_id(eos_token))],
+        )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=IM_END,
+        tokenizer_object=backend, pad_token=pad_token, bos_token=bos_token, eos_token=eos_token,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 
-def _sample_texts() -> list[str]:
-    from cpuft.data.prepare import load_rows, sample_path
+def sample_texts() -> list[str]:
+    """Every turn of the bundled LIMA-shaped sample: enough text to train a small BPE vocabulary."""
+    from cpuft.data.readers import load_rows, sample_path
 
     texts = []
     for row in load_rows(str(sample_path())):

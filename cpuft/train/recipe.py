@@ -1,7 +1,28 @@
-"""The `cpuft sft` recipe: LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer.
+"""The `cpuft sft` recipe: LoRA / QLoRA (and the other PEFT methods) supervised fine-tuning with
+TRL's SFTTrainer, planned for this machine.
 
-Flow: validate everything (config, data, model files, plan) before the run directory is touched,
-then train, then write the artefacts atomically.
+The job, top to bottom (`setup()`, `train()`, `finalize()`):
+1. setup: check the run directory (train.run_dir), plan the run and print the plan, its memory
+   estimate and, once the data is tokenisable, its time estimate (train.preflight); validate
+   and split the data (cpuft.data.prepare); load the tokenizer and the base model as planned
+   (train.model_loading). Nothing is written before all of that has passed.
+2. train: on --resume, find the last checkpoint and trim metrics.jsonl to it; write config.yaml
+   and plan.json; build the SFTTrainer (SFTConfig from train.trainer_args, the PEFT config from
+   train.peft_methods, callbacks from train.callbacks) and train.
+3. finalize: evaluate on the held-out split, save the adapter, draw the loss curve, write
+   summary.json (train.summary), all atomically.
+
+Features:
+- the plan (device, dtype, threads, batch, checkpointing, packing, compile) comes with a reason
+  for each choice, and every later step reads it; nothing re-probes the hardware;
+- a memory estimate that stops a run which cannot fit before the weights load, with the options
+  that would fit; a time (and cost, with --machine-type) estimate;
+- QLoRA (bitsandbytes NF4/INT8) on CUDA and CPU; on a CPU the adapter stays fp32;
+- rows length-grouped into micro-batches (cpuft.data.packing), or packed by TRL with samples
+  kept apart;
+- SIGTERM/SIGINT save a checkpoint after the current step and stop (status "interrupted", exit
+  75 from the CLI); `--resume` continues from it, logging every step exactly once;
+- summary.json reports tokens/s, peak RSS, FLOP/s and MFU next to the planned memory and time.
 
 Run directory:
     adapter/            LoRA adapter + tokenizer (stock PEFT: AutoPeftModelForCausalLM.from_pretrained)
@@ -13,31 +34,44 @@ Run directory:
     summary.json        status, steps, losses, wall time, tokens/s, peak RSS, FLOP/s, MFU
     checkpoint-N/       trainer checkpoints (every save_steps, and on SIGTERM/SIGINT)
 
-Limits: single process (multi-process via `accelerate launch -m cpuft.cli sft ...`); rows are
-length-grouped by cpuft.data.packing (or, with packing, packed by TRL with samples kept apart).
+Limits: single process (multi-process via `accelerate launch -m cpuft.cli sft ...`); CUDA uses
+device 0 only; architectures the memory estimator cannot build get no memory or time estimate.
 
-Raises UserError (exit 2) for bad input; a run stopped by a signal returns status "interrupted".
+Errors: UserError (exit 2) for bad input (an occupied output directory, --resume without a run
+or a checkpoint, bad config or data, a model or tokenizer that will not load, conversational
+data without a chat template, a run that cannot fit in memory), always before anything is
+written. Anything else is a failed run (exit 1).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cpuft.artifacts import atomic_directory, atomic_write_json, write_loss_curve
-from cpuft.config.job import SFTJobConfig, write_config_file
+from cpuft.config.job import SFTJobConfig
 from cpuft.data.prepare import PreparedData, prepare_dataset
-from cpuft.dtypes import torch_dtype
-from cpuft.errors import UserError
 from cpuft.hardware.probe import Machine
-from cpuft.modeling import bitsandbytes_config, read_model_config
-from cpuft.planning.plan import Plan, PlanRequest, plan_for
-from cpuft.planning.report import format_env_table
+from cpuft.planning.plan import Plan
+from cpuft.train.model_loading import (
+    keep_cpu_adapter_in_fp32,
+    load_model,
+    load_tokenizer,
+    prepare_quantized_for_training,
+    resolve_model_path,
+)
+from cpuft.train.preflight import estimate_time, plan_and_check_memory
+from cpuft.train.run_dir import (
+    check_run_dir,
+    checkpoint_to_resume,
+    default_run_dir,
+    read_metrics,
+    write_run_header,
+)
+from cpuft.train.summary import ModelFacts, run_summary, trainable_parameter_count
 
 
 @dataclass
@@ -45,10 +79,6 @@ class RunResult:
     status: str  # "completed" | "interrupted"
     run_dir: Path
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def default_run_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("sft-%Y%m%d-%H%M%S")
 
 
 class SFTRecipe:
@@ -67,138 +97,62 @@ class SFTRecipe:
         self.time_estimate = None
         self.started = time.perf_counter()
 
-    # ------------------------------------------------------------------ setup
-
     def setup(self) -> None:
         """Validate and load everything; raises UserError before writing anything on bad input."""
-        self._check_run_dir()
-        if Path(self.config.model).expanduser().is_dir():
-            # adapter_config.json records this path; absolute keeps the adapter loadable from any cwd.
-            self.config.model = str(Path(self.config.model).expanduser().resolve())
-        model_config = read_model_config(self.config.model)
-        self.model_shape = _model_shape_or_none(model_config)
-        self.model_params_estimate = self.model_shape.total_params if self.model_shape else None
-        self.plan = plan_for(self.machine, PlanRequest.from_job(self.config, self.model_params_estimate))
-        # The plan first, then what it costs in memory and time: read top to bottom before loading.
-        self.log(format_env_table(self.machine, self.plan) + "\n")
-        self.memory_plan = self._check_memory()
-        self._apply_threads()
-        self.data = prepare_dataset(
-            self.config.dataset,
-            row_format=self.config.dataset_format,
-            split=self.config.dataset_split,
-            eval_fraction=self.config.eval_fraction,
-            max_samples=self.config.max_samples,
-            seed=self.config.seed,
-        )
-        self.tokenizer = self._load_tokenizer()
-        self.time_estimate = self._estimate_time()
-        self.model = self._load_model(model_config)
-
-    def _check_memory(self):
-        """Size the run from the config alone and stop before loading weights if it cannot fit."""
-        from cpuft.planning.memory import plan_memory, settings_for_job, usable_capacity
-
-        if self.model_shape is None:
-            return None
-        self.run_settings = settings_for_job(self.plan, self.config)
-        memory = plan_memory(self.model_shape, self.run_settings, *usable_capacity(self.machine, self.plan.device))
-        self.log(memory.format())
-        if memory.fits is False:
-            options = "\n".join(f"  - {s}" for s in memory.suggestions)
-            raise UserError(
-                f"this run needs about {memory.total_bytes / 2**30:.1f} GiB but {memory.capacity_label}"
-                f" is {memory.capacity_bytes / 2**30:.1f} GiB; nothing was loaded. Options that would"
-                f" fit (`cpuft plan` with the same flags shows the whole estimate):\n{options}"
-            )
-        return memory
-
-    def _estimate_time(self):
-        """Print the expected training time (and cost on --machine-type) before loading weights."""
-        from cpuft.planning.cloud import (
-            MACHINE_TYPES,
-            planned_epochs,
-            time_for_run,
-            tokens_per_epoch,
-        )
-
-        if self.memory_plan is None:
-            return None
-        train = self.data.train
-        tokens, tokens_per_row = tokens_per_epoch(train, self.tokenizer, self.config.max_length)
-        epochs = planned_epochs(
-            self.config.max_steps, self.plan.effective_batch_size, len(train), self.config.num_train_epochs
-        )
-        machine_type = MACHINE_TYPES[self.config.machine_type] if self.config.machine_type else None
-        estimate = time_for_run(
-            self.model_shape, self.run_settings, self.memory_plan.trainable_params, tokens, epochs,
-            tokens_per_row, machine_type, self.plan.threads, datasheet_flops=self.plan.peak_flops,
-        )
-        self.log(estimate.format())
-        return estimate
-
-    def _check_run_dir(self) -> None:
-        run_dir = self.run_dir
-        if self.resume:
-            if not (run_dir / "config.yaml").is_file():
-                raise UserError(f"--resume: {run_dir} is not a cpuft run directory (no config.yaml).")
-            return
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UserError(
-                f"output directory {run_dir} already holds files; cpuft will not overwrite a run."
-                " Pass --resume to continue it, or choose another --output-dir."
-            )
-
-    def _apply_threads(self) -> None:
         import torch
 
+        config = self.config
+        check_run_dir(self.run_dir, self.resume)
+        config.model = resolve_model_path(config.model)
+        preflight = plan_and_check_memory(config, self.machine, self.log)
+        self.plan, self.memory_plan = preflight.plan, preflight.memory_plan
         torch.set_num_threads(self.plan.threads)
+        self.data = prepare_dataset(
+            config.dataset, row_format=config.dataset_format, split=config.dataset_split,
+            eval_fraction=config.eval_fraction, max_samples=config.max_samples, seed=config.seed,
+        )
+        self.tokenizer = load_tokenizer(config.model, self.data.row_format)
+        self.time_estimate = estimate_time(preflight, config, self.data.train, self.tokenizer, self.log)
+        self.model = load_model(config.model, self.plan)
+        self.model_facts = ModelFacts.of(self.model)
 
-    def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-
+    def train(self) -> RunResult:
+        resume_from = None
+        if self.resume:
+            resume_from = checkpoint_to_resume(self.run_dir)
+            self.log(f"resuming from {resume_from}")
+        write_run_header(self.run_dir, self.config, self.machine, self.plan)
+        self.trainer = self.build_trainer()
+        self.trainable_params = trainable_parameter_count(self.trainer.model)
+        self.signals.install()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(self.config.model)
-        except Exception as exc:
-            raise UserError(f"cannot load the tokenizer of '{self.config.model}': {exc}") from None
-        if self.data.row_format != "text" and not tokenizer.chat_template:
-            raise UserError(
-                f"the tokenizer of '{self.config.model}' has no chat template, so conversational"
-                f" data ({self.data.row_format}) cannot be formatted. Use an instruct/chat model,"
-                " or plain text data with --dataset-format text."
-            )
-        if tokenizer.pad_token is None:
-            # Padding is masked out of the loss and attention; reusing EOS is the common choice.
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
+            self.trainer.train(resume_from_checkpoint=resume_from)
+        finally:
+            self.signals.uninstall()
+        return self.finalize()
 
-    def _load_model(self, model_config):
-        from transformers import AutoModelForCausalLM
-
-        plan = self.plan
-        kwargs: dict[str, Any] = {
-            "dtype": torch_dtype(plan.weights_dtype),
-            "attn_implementation": plan.attn_implementation,
-        }
-        if plan.quantization != "none":
-            kwargs["quantization_config"] = bitsandbytes_config(plan.quantization, plan.compute_dtype)
-            kwargs["device_map"] = {"": 0} if plan.device == "cuda" else {"": "cpu"}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(self.config.model, **kwargs)
-        except Exception as exc:
-            raise UserError(f"cannot load model weights of '{self.config.model}': {exc}") from None
-        if plan.device == "cuda" and plan.quantization == "none":
-            model = model.to("cuda")
-        from cpuft.planning.flops import linear_parameter_count
-
-        self.linear_params = linear_parameter_count(model)
-        self.total_params = sum(p.numel() for p in model.parameters())
-        self.model_config = model.config
-        return model
-
-    # ------------------------------------------------------------------ train
+    def finalize(self) -> RunResult:
+        interrupted = self.signals.interrupted
+        eval_loss = None
+        if not interrupted and self.data.eval is not None:
+            eval_loss = self.trainer.evaluate().get("eval_loss")
+        if not interrupted:
+            with atomic_directory(self.run_dir / "adapter") as tmp:
+                self.trainer.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+        logged = read_metrics(self.run_dir / "metrics.jsonl")
+        write_loss_curve(logged, self.run_dir / "loss_curve.png")
+        summary = run_summary(
+            interrupted=interrupted, run_dir=self.run_dir, config=self.config, data=self.data, plan=self.plan,
+            trainer_state=self.trainer.state, metrics=self.metrics, logged=logged, eval_loss=eval_loss,
+            wall_seconds=time.perf_counter() - self.started, model_facts=self.model_facts,
+            trainable_params=self.trainable_params, memory_plan=self.memory_plan, time_estimate=self.time_estimate,
+        )
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return RunResult("interrupted" if interrupted else "completed", self.run_dir, summary)
 
     def build_trainer(self):
+        """The SFTTrainer for this job, with cpuft's callbacks (the bench builds it this way too)."""
         from transformers import PrinterCallback, ProgressCallback
         from trl import SFTTrainer
 
@@ -209,15 +163,7 @@ class SFTRecipe:
 
         config, plan = self.config, self.plan
         adapter_config = build_peft_config(config, total_steps=self._total_steps())
-        if plan.quantization != "none":
-            # TRL 1.16's SFTTrainer does not call this for quantised models (it only casts the
-            # adapter to bf16): freeze the base, upcast norms/embeddings to fp32 for stable
-            # training, and make checkpointing work through the frozen 4/8-bit layers.
-            from peft import prepare_model_for_kbit_training
-
-            self.model = prepare_model_for_kbit_training(
-                self.model, use_gradient_checkpointing=plan.gradient_checkpointing
-            )
+        self.model = prepare_quantized_for_training(self.model, plan)
         args = build_sft_config(config, plan, self.run_dir)
         self.metrics = MetricsCallback(self.run_dir / "metrics.jsonl", show_progress=self.show_progress)
         self.signals = CheckpointOnSignal()
@@ -233,14 +179,7 @@ class SFTRecipe:
             peft_config=adapter_config,
             callbacks=[self.metrics, self.signals, *method_callbacks(config)],
         )
-        if plan.quantization != "none" and plan.device == "cpu":
-            # TRL casts a quantised model's adapter to bf16. On a CPU keep the adapter, its
-            # gradients and AdamW state in fp32: with fp32 compute (AVX2, where bf16 is emulated)
-            # bf16 would only be slower; with bf16 compute autocast still runs its matmuls in bf16,
-            # and the fp32 master copy (a few MB) keeps small updates from rounding away.
-            for param in trainer.model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
+        keep_cpu_adapter_in_fp32(trainer, plan)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         return trainer
@@ -251,143 +190,3 @@ class SFTRecipe:
             return self.config.max_steps
         per_epoch = math.ceil(len(self.data.train) / self.plan.effective_batch_size)
         return max(1, math.ceil(per_epoch * self.config.num_train_epochs))
-
-    def train(self) -> RunResult:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from = None
-        if self.resume:
-            resume_from = get_last_checkpoint(str(self.run_dir))
-            if resume_from is None:
-                raise UserError(f"--resume: no checkpoint-N directory in {self.run_dir} to resume from.")
-            self.log(f"resuming from {resume_from}")
-            _drop_metrics_after(self.run_dir / "metrics.jsonl", _checkpoint_step(resume_from))
-        self._write_run_header()
-        self.trainer = self.build_trainer()
-        self.trainable_params = sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad)
-        self.signals.install()
-        try:
-            self.trainer.train(resume_from_checkpoint=resume_from)
-        finally:
-            self.signals.uninstall()
-        return self.finalize()
-
-    def _write_run_header(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_config_file(self.config, self.run_dir / "config.yaml")
-        atomic_write_json(
-            self.run_dir / "plan.json", {"machine": self.machine.to_dict(), "plan": self.plan.to_dict()}
-        )
-
-    # ------------------------------------------------------------------ finalize
-
-    def finalize(self) -> RunResult:
-        interrupted = self.signals.interrupted
-        eval_loss = None
-        if not interrupted and self.data.eval is not None:
-            eval_loss = self.trainer.evaluate().get("eval_loss")
-        if not interrupted:
-            with atomic_directory(self.run_dir / "adapter") as tmp:
-                self.trainer.model.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
-        all_metrics = _read_metrics(self.run_dir / "metrics.jsonl")
-        write_loss_curve(all_metrics, self.run_dir / "loss_curve.png")
-        summary = self._summary(interrupted, eval_loss, all_metrics)
-        atomic_write_json(self.run_dir / "summary.json", summary)
-        return RunResult("interrupted" if interrupted else "completed", self.run_dir, summary)
-
-    def _summary(self, interrupted: bool, eval_loss: float | None, all_metrics: list[dict]) -> dict:
-        from cpuft.hardware.usage import peak_rss_bytes
-        from cpuft.planning.flops import training_flops_per_token
-
-        state = self.trainer.state
-        metrics = self.metrics
-        losses = [(m["step"], m["loss"]) for m in all_metrics if "loss" in m]
-        steps_this_run = max(1, state.global_step - metrics.start_step)
-        samples = steps_this_run * self.plan.effective_batch_size
-        tokens = metrics.train_tokens
-        mean_seq_len = tokens / samples if samples else 0.0
-        # Useful work only (checkpointing's recompute is not counted): that is what MFU measures.
-        flops_per_token = training_flops_per_token(
-            self.linear_params, self.trainable_params, self.model_config.num_hidden_layers,
-            self.model_config.hidden_size, mean_seq_len, full_finetune=False, gradient_checkpointing=False,
-        )
-        seconds = metrics.train_seconds or 1e-9
-        achieved = flops_per_token * tokens / seconds
-        summary = {
-            "status": "interrupted" if interrupted else "completed",
-            "run_dir": str(self.run_dir),
-            "model": self.config.model,
-            "dataset": self.config.dataset,
-            "dataset_format": self.data.row_format,
-            "train_rows": len(self.data.train),
-            "eval_rows": len(self.data.eval) if self.data.eval is not None else 0,
-            "device": self.plan.device,
-            "dtype": self.plan.compute_dtype,
-            "quantization": self.plan.quantization,
-            "threads": self.plan.threads,
-            "steps": state.global_step,
-            "max_steps": state.max_steps,
-            "steps_this_run": state.global_step - metrics.start_step,
-            "first_loss": losses[0][1] if losses else None,
-            "final_loss": losses[-1][1] if losses else None,
-            "eval_loss": eval_loss,
-            "wall_seconds": round(time.perf_counter() - self.started, 2),
-            "train_seconds": round(metrics.train_seconds, 2),
-            "train_tokens": tokens,
-            "train_tokens_per_second": round(tokens / seconds, 1),
-            "peak_rss_bytes": peak_rss_bytes(),
-            "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
-            "total_params": self.total_params,
-            "trainable_params": self.trainable_params,
-            "flops_per_token": flops_per_token,
-            "achieved_flops_per_second": achieved,
-            "peak_flops_per_second": self.plan.peak_flops,
-            "mfu": achieved / self.plan.peak_flops if self.plan.peak_flops else None,
-            "adapter_dir": None if interrupted else str(self.run_dir / "adapter"),
-        }
-        if self.memory_plan is not None:
-            # Predicted next to measured, so users can see how far to trust `cpuft plan`.
-            summary["planned_memory_bytes"] = self.memory_plan.total_bytes
-        if self.time_estimate is not None:
-            summary["planned_train_seconds"] = round(self.time_estimate.total_seconds, 1)
-        if self.plan.device == "cuda":
-            import torch
-
-            summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
-        return summary
-
-
-def _model_shape_or_none(model_config):
-    """The memory estimator's view of the model; None for architectures it cannot build."""
-    from cpuft.planning.memory import model_shape
-
-    try:
-        return model_shape(model_config)
-    except Exception:  # an architecture transformers cannot instantiate from its config alone
-        return None
-
-
-def _checkpoint_step(checkpoint_dir: str) -> int:
-    return int(Path(checkpoint_dir).name.rsplit("-", 1)[-1])
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """A hard kill can log steps past the last checkpoint; the resumed run logs them again."""
-    from cpuft.artifacts import atomic_write_text
-
-    kept = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in kept))
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a hard kill; the rest are whole
-    return records

@@ -2,7 +2,7 @@
 """Summarise a Terraform plan of infra/ for a human: which VMs, what they cost per hour, the worst case.
 
 Reads `terraform show -json PLANFILE` on stdin; standard library only. scripts/gcp/provision prints
-this before asking to apply. The prices come from the plan's outputs, i.e. from infra/prices.csv (or
+this before asking to apply. The prices come from the plan's outputs, i.e. from cpuft/planning/gcp_prices.csv (or
 the table given with provision --prices), so they are estimates: check current prices at
 https://cloud.google.com/compute/vm-instance-pricing.
 

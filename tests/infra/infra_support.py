@@ -6,6 +6,8 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
+# One price table for Terraform and `cpuft plan`: it ships inside the package.
+PRICES = ROOT / "cpuft" / "planning" / "gcp_prices.csv"
 SCRIPTS = ROOT / "scripts" / "gcp"
 VAR_FILES = {
     "default": "examples/minimal.tfvars",

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from infra_support import INFRA, ROOT
+from infra_support import INFRA, PRICES, ROOT
 
 
 def run(terraform: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -23,6 +23,9 @@ def test_vm_plan_module_tests(terraform, tmp_path):
     # A copy, so that nothing terraform writes lands in the working tree.
     copy = tmp_path / "infra"
     shutil.copytree(INFRA, copy, ignore=shutil.ignore_patterns(".terraform*", "*.tfstate*", "*.tfplan"))
+    prices = tmp_path / PRICES.relative_to(ROOT)  # read as ../cpuft/planning/ from infra/
+    prices.parent.mkdir(parents=True)
+    shutil.copy(PRICES, prices)
     proc = run(terraform, "test", "-no-color", cwd=copy / "modules" / "vm_plan")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " 0 failed" in proc.stdout
@@ -49,7 +52,7 @@ output "shutdown" { value = module.plan.vms.cpu.shutdown_script }
 def startup_scripts(terraform, tmp_path_factory) -> dict[str, str]:
     work = tmp_path_factory.mktemp("render")
     (work / "main.tf").write_text(
-        ROOT_MODULE % {"module": INFRA / "modules" / "vm_plan", "prices": INFRA / "prices.csv"}
+        ROOT_MODULE % {"module": INFRA / "modules" / "vm_plan", "prices": PRICES}
     )
     for args in (("init", "-input=false", "-no-color"), ("apply", "-auto-approve", "-input=false", "-no-color")):
         proc = run(terraform, *args, cwd=work)

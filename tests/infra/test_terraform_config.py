@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from infra_support import INFRA, outputs, resources
+from infra_support import INFRA, PRICES, outputs, resources
 
 IAP_RANGE = "35.235.240.0/20"
 BOTH = ["default", "all-features"]
@@ -187,11 +187,11 @@ def test_readme_cost_table_matches_the_price_table():
     import csv
 
     readme = (INFRA / "README.md").read_text()
-    with (INFRA / "prices.csv").open() as handle:
+    with PRICES.open() as handle:
         prices = {row["machine_type"]: row for row in csv.DictReader(handle)}
     for machine in ("c3-standard-22", "c3-standard-44", "g2-standard-8"):
         row = next(line for line in readme.splitlines() if line.startswith(f"| {machine}"))
         spot = f"{float(prices[machine]['spot_usd_per_hour']):.2f}"
         on_demand = f"{float(prices[machine]['on_demand_usd_per_hour']):.2f}"
-        assert f"≈ ${spot} | ≈ ${on_demand}" in row, f"README and prices.csv disagree on {machine}"
+        assert f"≈ ${spot} | ≈ ${on_demand}" in row, f"README and gcp_prices.csv disagree on {machine}"
 

@@ -19,7 +19,7 @@ output "max_cost_usd" {
 }
 
 output "unpriced_machine_types" {
-  description = "Machine types missing from the price table (add them to infra/prices.csv or your own copy)."
+  description = "Machine types missing from the price table (add them to cpuft/planning/gcp_prices.csv or your own copy)."
   value       = local.unpriced
 }
 

@@ -4,7 +4,7 @@
 variables {
   name            = "cpuft"
   cpuft_pip_spec  = "cpuft==0.1.0"
-  price_table_csv = file("../../prices.csv")
+  price_table_csv = file("../../../cpuft/planning/gcp_prices.csv")
 }
 
 run "defaults_are_one_self_deleting_spot_c3" {
@@ -120,15 +120,15 @@ run "hyperdisk_for_c4_and_a_warning_without_amx" {
   command = apply
 
   variables {
-    machine_type = "n2-standard-8"
+    machine_type = "n2d-standard-8"
   }
 
   assert {
     condition     = !output.vms.cpu.amx && length(output.warnings) == 1
-    error_message = "An N2 has no AMX and the plan says so."
+    error_message = "An N2D (AMD) has no AMX and the plan says so."
   }
   assert {
-    condition     = output.hourly_usd == null && output.unpriced_machine_types == ["n2-standard-8"]
+    condition     = output.hourly_usd == null && output.unpriced_machine_types == ["n2d-standard-8"]
     error_message = "A machine type missing from the price table has no made-up price."
   }
 }

@@ -1,0 +1,125 @@
+"""`run_bench`: run every variant of the bench job, each in its own process, and write the report.
+
+The parent validates the options, writes the data and builds the bench model (once per size,
+reused while its spec is unchanged), measures this machine's matmul FLOP/s at the model's MLP
+shape (fp32, and bf16 where native) in a worker of its own, then runs the variants interleaved
+(A B C A B C for --repeats), and writes bench.json and bench.png (cpuft.bench.report).
+
+Limits: timings on a shared machine are noisy: use `repeats` (medians are reported) and rerun on
+a quiet machine before quoting a number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from cpuft.artifacts import atomic_write_json, atomic_write_text
+from cpuft.bench.data import synthetic_conversations, write_bench_data
+from cpuft.bench.report import build_report, write_bench_chart
+from cpuft.bench.sizes import (
+    CPUFT_FP32,
+    LORA_SETTINGS,
+    OPTIMIZER_SETTINGS,
+    SIZES,
+    VARIANTS,
+    BenchSize,
+)
+from cpuft.bench.worker import run_in_worker
+from cpuft.errors import UserError
+
+
+@dataclass
+class BenchOptions:
+    size: str = "tiny"
+    out_dir: Path = Path("bench-results")
+    steps: int | None = None
+    variants: tuple[str, ...] = VARIANTS
+    repeats: int = 1
+    dataset: str | None = None  # a messages-format .jsonl; default: synthetic
+    onednn_verbose: Path | None = None
+    seed: int = 42
+
+
+def run_bench(options: BenchOptions, log=print) -> dict:
+    """Run every variant (interleaved, `repeats` times), measure GEMM peak, write bench.json/png."""
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.planning.plan import PlanRequest, plan_for
+
+    size = _checked_size(options)
+    machine = probe_machine()
+    threads = plan_for(machine, PlanRequest(device="cpu")).threads
+    variants = list(options.variants)
+    if machine.native_bf16 and "cpuft" in variants and CPUFT_FP32 not in variants:
+        variants.append(CPUFT_FP32)  # bf16 against fp32 where bf16 is real
+
+    out_dir = Path(options.out_dir)
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    train_path, eval_path, data_note = write_bench_data(
+        work, size.train_rows, size.eval_samples, options.dataset, options.seed, size.median_reply_words)
+    model_dir = _bench_model(work, options.size, size, log)
+
+    log(f"measuring GEMM peak ({threads} threads)...")
+    tokens_per_microbatch = size.batch_size * size.max_length // 2
+    gemm = run_in_worker(work, "gemm", {
+        "m": tokens_per_microbatch, "k": size.model.hidden_size, "n": size.model.intermediate_size,
+        "threads": threads, "dtypes": ["fp32", "bf16"] if machine.native_bf16 else ["fp32"],
+    })
+
+    common = {
+        "model": str(model_dir), "train": str(train_path), "eval": str(eval_path),
+        "steps": size.steps, "batch_size": size.batch_size, "accumulation": size.accumulation,
+        "max_length": size.max_length, "seed": options.seed, "threads": threads,
+        "native_bf16": machine.native_bf16, **OPTIMIZER_SETTINGS, **LORA_SETTINGS,
+    }
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for repeat in range(options.repeats):
+        for variant in variants:
+            log(f"[{repeat + 1}/{options.repeats}] {variant}: {size.steps} steps...")
+            verbose = options.onednn_verbose if variant == "cpuft" and repeat == 0 else None
+            result = run_in_worker(work, variant, {**common, "run_dir": str(work / f"run-{variant}-{repeat}")},
+                                   onednn_verbose=verbose)
+            runs[variant].append(result)
+            log(f"    {result['tokens_per_second']:.0f} tok/s, step {result['median_step_seconds']:.2f} s,"
+                f" peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, eval loss {result['eval_loss']:.4f}")
+
+    command = f"cpuft bench --size {options.size} --steps {size.steps} --repeats {options.repeats}" + (
+        f" --dataset {options.dataset}" if options.dataset else "")
+    report = build_report(command, options.size, size, machine, gemm, runs, data_note)
+    atomic_write_json(out_dir / "bench.json", report)
+    write_bench_chart(report, out_dir / "bench.png")
+    return report
+
+
+def _checked_size(options: BenchOptions) -> BenchSize:
+    """The size to run, with --steps applied; UserError on any bad option, before anything runs."""
+    if options.size not in SIZES:
+        raise UserError(f"unknown bench size {options.size!r}: choose {', '.join(SIZES)}.")
+    unknown = [v for v in options.variants if v not in (*VARIANTS, CPUFT_FP32)]
+    if unknown:
+        raise UserError(f"unknown bench variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}.")
+    if options.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {options.repeats}.")
+    size = SIZES[options.size]
+    if options.steps is not None:
+        if options.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {options.steps}.")
+        size = replace(size, steps=options.steps)
+    return size
+
+
+def _bench_model(work: Path, size_name: str, size: BenchSize, log) -> Path:
+    """The size's random-init model, its BPE trained on synthetic text; rebuilt only when its spec changes."""
+    from cpuft.testing.tiny_model import build_tiny_model
+
+    model_dir = work / f"model-{size_name}"
+    spec_path = model_dir / "bench_spec.json"
+    wanted = json.dumps(asdict(size.model), sort_keys=True)
+    if not (spec_path.is_file() and spec_path.read_text() == wanted):
+        log(f"building the {size_name} model in {model_dir}...")
+        texts = [m["content"] for row in synthetic_conversations(2000, 7, size.median_reply_words) for m in row["messages"]]
+        build_tiny_model(model_dir, texts=texts, spec=size.model)
+        atomic_write_text(spec_path, wanted)
+    return model_dir

@@ -1,0 +1,133 @@
+"""The bench's report: bench.json (medians over repeats, MFU, the headline ratios), the chart
+bench.png and the console table.
+
+MFU here is against the matmul FLOP/s measured on this machine at the model's MLP shape (not a
+datasheet number), in the dtype the variant computed in. Ratios compare variants of the same
+bench run only; numbers from different machines or runs are not comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from cpuft.artifacts import save_figure
+from cpuft.bench.sizes import LORA_SETTINGS, OPTIMIZER_SETTINGS
+
+# The keys whose median over repeats is the variant's number.
+MEDIAN_KEYS = ("tokens_per_second", "median_step_seconds", "train_seconds", "peak_rss_bytes", "final_loss",
+               "eval_loss", "padding_fraction", "achieved_flops_per_second")
+
+
+def median_run(results: list[dict]) -> dict:
+    """The variant's numbers: medians over repeats, plus every repeat's tokens/s."""
+    merged = dict(results[0])
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in results if r.get(key) is not None]
+        merged[key] = statistics.median(values) if values else None
+    merged["repeats"] = len(results)
+    merged["tokens_per_second_each_repeat"] = [r["tokens_per_second"] for r in results]
+    return merged
+
+
+def build_report(command: str, size_name: str, size, machine, gemm: dict, runs: dict, data_note: str) -> dict:
+    """bench.json's content. `runs` maps each variant to its workers' results, one per repeat."""
+    variants = {name: median_run(results) for name, results in runs.items() if results}
+    for run in variants.values():
+        peak = gemm["bf16" if run.get("compute_dtype") == "bf16" and "bf16" in gemm else "fp32"]["flops_per_second"]
+        run["gemm_peak_flops_per_second"] = peak
+        run["mfu_vs_measured_gemm"] = run["achieved_flops_per_second"] / peak if peak else None
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a in variants and b in variants and variants[b].get(key):
+            return variants[a][key] / variants[b][key]
+        return None
+
+    def loss_gap(a: str, b: str) -> float | None:
+        if a in variants and b in variants:
+            return (variants[a]["eval_loss"] - variants[b]["eval_loss"]) / variants[b]["eval_loss"]
+        return None
+
+    return {
+        "command": command,
+        "size": size_name,
+        "model": {**asdict(size.model), "total_params": next(iter(variants.values()))["total_params"]},
+        "steps": size.steps, "batch_size": size.batch_size, "accumulation": size.accumulation,
+        "max_length": size.max_length, "data": data_note,
+        "optimizer": OPTIMIZER_SETTINGS, "lora": LORA_SETTINGS,
+        "machine": machine.to_dict(),
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "gemm": gemm,
+        # The headline ratios, as plain top-level numbers.
+        "speedup_vs_trl_tuned": ratio("cpuft", "trl_tuned", "tokens_per_second"),
+        "speedup_vs_trl_defaults": ratio("cpuft", "trl_defaults", "tokens_per_second"),
+        "trl_tuned_speedup_vs_trl_defaults": ratio("trl_tuned", "trl_defaults", "tokens_per_second"),
+        "eval_loss_rel_diff_vs_trl_tuned": loss_gap("cpuft", "trl_tuned"),
+        "eval_loss_rel_diff_vs_trl_defaults": loss_gap("cpuft", "trl_defaults"),
+        "peak_rss_ratio_vs_trl_tuned": ratio("cpuft", "trl_tuned", "peak_rss_bytes"),
+        "peak_rss_ratio_vs_trl_defaults": ratio("cpuft", "trl_defaults", "peak_rss_bytes"),
+        "bf16_speedup_vs_fp32": ratio("cpuft", "cpuft_fp32", "tokens_per_second"),
+        "cpuft_mfu_vs_measured_gemm": variants.get("cpuft", {}).get("mfu_vs_measured_gemm"),
+        "variants": variants,
+    }
+
+
+def write_bench_chart(report: dict, path: Path) -> None:
+    """Two panels: non-padding tokens/s (with the ratio to cpuft and MFU) and peak RSS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["variants"])
+    runs = [report["variants"][n] for n in names]
+    colors = ["#2a7ab9" if n.startswith("cpuft") else "#999999" for n in names]
+    fig, (speed_ax, rss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    speeds = [r["tokens_per_second"] for r in runs]
+    bars = speed_ax.bar(names, speeds, color=colors)
+    cpuft_speed = report["variants"].get("cpuft", {}).get("tokens_per_second")
+    for bar, run in zip(bars, runs):
+        label = f"{run['tokens_per_second']:.0f}"
+        if cpuft_speed:
+            label += f"\ncpuft {cpuft_speed / run['tokens_per_second']:.2f}x"
+        if run.get("mfu_vs_measured_gemm") is not None:
+            label += f"\nMFU {run['mfu_vs_measured_gemm']:.0%}"
+        speed_ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=8)
+    speed_ax.set_ylabel("non-padding tokens / s")
+    speed_ax.set_ylim(0, max(speeds) * 1.35)
+    speed_ax.set_title(f"{report['size']}: {report['model']['total_params'] / 1e6:.1f}M params, {report['steps']} steps")
+    rss = [r["peak_rss_bytes"] / 2**20 for r in runs]
+    rss_ax.bar(names, rss, color=colors)
+    for x, value in enumerate(rss):
+        rss_ax.annotate(f"{value:.0f}", (x, value), ha="center", va="bottom", fontsize=8)
+    rss_ax.set_ylabel("peak RSS (MiB)")
+    rss_ax.set_ylim(0, max(rss) * 1.2)
+    for ax in (speed_ax, rss_ax):
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+
+
+def format_bench_table(report: dict) -> str:
+    head = f"{'variant':<14} {'dtype':<6} {'ckpt':<5} {'tok/s':>8} {'step s':>7} {'pad %':>6} {'RSS MiB':>8} {'eval loss':>9} {'MFU':>6}"
+    lines = [head, "-" * len(head)]
+    for name, run in report["variants"].items():
+        mfu = run.get("mfu_vs_measured_gemm")
+        lines.append(
+            f"{name:<14} {run['compute_dtype']:<6} {'on' if run['gradient_checkpointing'] else 'off':<5}"
+            f" {run['tokens_per_second']:>8.0f} {run['median_step_seconds']:>7.2f}"
+            f" {100 * (run['padding_fraction'] or 0):>6.1f} {run['peak_rss_bytes'] / 2**20:>8.0f}"
+            f" {run['eval_loss']:>9.4f} {'' if mfu is None else f'{mfu:.1%}':>6}"
+        )
+    gemm = report["gemm"]["fp32"]
+    lines.append(f"\nmeasured GEMM peak (fp32, {gemm['m']}x{gemm['k']}x{gemm['n']}, {gemm['threads']} threads):"
+                 f" {gemm['flops_per_second'] / 1e9:.1f} GFLOP/s")
+    for key in ("speedup_vs_trl_tuned", "speedup_vs_trl_defaults", "eval_loss_rel_diff_vs_trl_tuned",
+                "peak_rss_ratio_vs_trl_tuned", "bf16_speedup_vs_fp32"):
+        if report.get(key) is not None:
+            value = report[key]
+            lines.append(f"{key:<34} {value:+.2%}" if "diff" in key else f"{key:<34} {value:.2f}x")
+    return "\n".join(lines)

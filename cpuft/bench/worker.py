@@ -1,0 +1,112 @@
+"""The bench's worker protocol: one variant (or the GEMM measurement) per fresh process.
+
+    python -m cpuft.bench.worker SPEC.json
+
+The parent (`run_in_worker`) writes SPEC.json, which names the variant, its settings and a
+`result_path`; the worker runs it and writes the result there as JSON; exit 0 means the result
+is complete. A fresh process per variant keeps peak RSS, thread settings and imported state its
+own. Variants: "gemm" (matmul FLOP/s, cpuft.hardware.gemm), "trl_defaults" and "trl_tuned"
+(cpuft.bench.baselines), "cpuft" and "cpuft_fp32" (cpuft's own recipe).
+
+Limits: the worker's output goes to work/log-VARIANT.txt (or the --onednn-verbose file); a
+failed worker raises RuntimeError in the parent with the log's last 30 lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cpuft.artifacts import atomic_write_json
+
+
+def run_in_worker(work: Path, variant: str, spec: dict, onednn_verbose: Path | None = None) -> dict:
+    """Run `variant` with `spec` in a fresh Python process; its result."""
+    spec_path = work / f"spec-{variant}.json"
+    result_path = work / f"result-{variant}.json"
+    result_path.unlink(missing_ok=True)
+    atomic_write_json(spec_path, {**spec, "variant": variant, "result_path": str(result_path)})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    log_path = Path(onednn_verbose) if onednn_verbose else work / f"log-{variant}.txt"
+    if onednn_verbose:
+        env["ONEDNN_VERBOSE"] = "1"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.run([sys.executable, "-m", "cpuft.bench.worker", str(spec_path)],
+                              stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"bench worker '{variant}' failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+def run_variant(spec: dict) -> dict:
+    """What the worker process computes for `spec` (in this process)."""
+    variant = spec["variant"]
+    if variant == "gemm":
+        from cpuft.hardware.gemm import measure_gemm_flops
+
+        return {d: measure_gemm_flops(spec["m"], spec["k"], spec["n"], d, spec["threads"]).to_dict()
+                for d in spec["dtypes"]}
+    from cpuft.bench.measure import train_and_measure
+
+    if variant in ("cpuft", "cpuft_fp32"):
+        trainer, model_facts, plan_facts = cpuft_trainer(spec, force_fp32=variant == "cpuft_fp32")
+    else:
+        from cpuft.bench.baselines import plain_trl_trainer
+
+        trainer, model_facts, plan_facts = plain_trl_trainer(spec, tuned=variant == "trl_tuned")
+    return train_and_measure(trainer, spec, model_facts, plan_facts)
+
+
+def cpuft_trainer(spec: dict, force_fp32: bool):
+    """cpuft's own recipe, exactly as `cpuft sft` runs it, with the plan it picks here."""
+    from dataclasses import asdict
+
+    from cpuft.config.job import SFTJobConfig
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.train.recipe import SFTRecipe
+    from cpuft.train.run_dir import write_run_header
+
+    config = SFTJobConfig(
+        model=spec["model"], dataset=spec["train"], dataset_format="messages", eval_fraction=0.0,
+        output_dir=spec["run_dir"], max_steps=spec["steps"], max_length=spec["max_length"],
+        per_device_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["accumulation"],
+        learning_rate=spec["learning_rate"], lr_scheduler_type=spec["lr_scheduler_type"],
+        warmup_steps=spec["warmup_steps"], weight_decay=spec["weight_decay"], seed=spec["seed"],
+        lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
+        lora_target_modules=spec["lora_target_modules"], save_steps=spec["steps"] + 1,
+        device="cpu", dtype="fp32" if force_fp32 else "auto",
+    )
+    recipe = SFTRecipe(config, probe_machine(), show_progress=False, log=lambda *a, **k: None)
+    recipe.setup()
+    write_run_header(recipe.run_dir, recipe.config, recipe.machine, recipe.plan)
+    trainer = recipe.build_trainer()
+    plan = recipe.plan
+    plan_facts = {"compute_dtype": plan.compute_dtype, "gradient_checkpointing": plan.gradient_checkpointing,
+                  "threads": plan.threads, "sampling": trainer.args.train_sampling_strategy,
+                  "packing": plan.packing, "torch_compile": bool(trainer.args.torch_compile)}
+    # The base model as loaded, before SFTTrainer injected the LoRA layers.
+    return trainer, asdict(recipe.model_facts), plan_facts
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m cpuft.bench.worker SPEC.json (the parent is `cpuft bench`)", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    started = time.perf_counter()
+    result = run_variant(spec)
+    if "variant" in result:
+        result["worker_wall_seconds"] = time.perf_counter() - started
+    atomic_write_json(spec["result_path"], result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+"""Read dataset rows from where they live: a local .jsonl / .json / .parquet file, a Hugging Face
+Hub dataset, or the bundled sample. Each row keeps where it came from ("file.jsonl:12") so that
+every later error can name the file and line.
+
+Owns: telling the source kinds apart, decoding files (strict UTF-8, a leading BOM allowed),
+JSON parsing, and the messages for unreadable input. Detecting a row's format and converting it
+is `cpuft.data.formats`; splitting is `cpuft.data.prepare`.
+
+Limits: a file is read into memory whole; .json must hold a list of row objects (or
+{"data": [...]}); Hub datasets need network (or the datasets cache) and, when gated, HF_TOKEN.
+Every problem is a UserError naming the file and line (or row).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cpuft.errors import UserError, first_line
+
+SAMPLE_NAME = "sample"
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Binary formats a dataset file is most often mistaken for, by their first bytes.
+_MAGIC_BYTES = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive", b"PAR1": "Parquet",
+                b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+
+
+@dataclass(frozen=True)
+class Row:
+    data: dict[str, Any]
+    where: str  # "file.jsonl:12" or "GAIR/lima[train] row 12": for error messages
+
+
+def sample_path() -> Path:
+    """The bundled LIMA-shaped sample (`--dataset sample`), package data of cpuft.data."""
+    return Path(str(resources.files("cpuft") / "data" / "lima_sample.jsonl"))
+
+
+def load_rows(source: str, split: str = "train") -> list[Row]:
+    """Every row of `source` (the sample, a local file, or a Hub id), unvalidated."""
+    if source == SAMPLE_NAME:
+        return _read_jsonl(sample_path())
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        raise UserError(
+            f"dataset {source} is a directory; point --dataset at a .jsonl, .json or .parquet file in it."
+        )
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        if suffix == ".parquet":
+            return _read_parquet(path)
+        raise UserError(f"dataset {source}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet.")
+    if path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+        raise UserError(f"dataset file {source} does not exist.")
+    return _read_hub(source, split)
+
+
+def read_text(path: Path) -> str:
+    """The text of a JSON / JSON Lines file: strict UTF-8 (a leading BOM is dropped).
+
+    Raises UserError naming the line (and byte) of the first byte that is not UTF-8 text, and
+    saying so when the file is binary (a NUL byte, or the signature of a compressed or Parquet
+    file), so a renamed binary file is not reported as one bad character.
+    """
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise UserError(f"{path}: the file is UTF-16 text; JSON and JSON Lines files must be UTF-8. Save it as UTF-8.")
+    kind = next((name for magic, name in _MAGIC_BYTES.items() if data.startswith(magic)), None)
+    if kind:
+        hint = "pass it as a .parquet file" if kind == "Parquet" else "unpack it first"
+        raise UserError(f"{path}:1: this is a binary file ({kind}), not {_text_kind(path)}; {hint}.")
+    nul = data.find(b"\x00")
+    if nul != -1:
+        line, column = _line_and_column(data, nul)
+        raise UserError(
+            f"{path}:{line}: a NUL byte at byte {column} of the line: this is a binary file, not"
+            f" {_text_kind(path)}. Point --dataset at the UTF-8 text file."
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line, column = _line_and_column(data, exc.start)
+        raise UserError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at byte {column} of the line)."
+            " Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix that line."
+        ) from None
+
+
+def _line_and_column(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based line number and byte position within the line of `offset` in `data`."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    return data.count(b"\n", 0, offset) + 1, offset - line_start + 1
+
+
+def _text_kind(path: Path) -> str:
+    return "JSON Lines text" if path.suffix.lower() == ".jsonl" else "JSON text"
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    # Split on "\n" only: str.splitlines() would also break inside strings at U+2028 and other
+    # separators JSON allows unescaped, and shift every line number after them.
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: each line must be a JSON object, got {type(data).__name__}.")
+        rows.append(Row(data, where))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}).") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of rows (or JSON Lines in a .jsonl file).")
+    rows = []
+    for index, item in enumerate(data):
+        where = f"{path} row {index}"
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: each row must be an object, got {type(item).__name__}.")
+        rows.append(Row(item, where))
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise UserError(f"{path}: cannot read as Parquet ({exc}).") from None
+    return [Row(item, f"{path} row {index}") for index, item in enumerate(table.to_pylist())]
+
+
+def _read_hub(dataset_id: str, split: str) -> list[Row]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(dataset_id, split=split, token=os.environ.get("HF_TOKEN"))
+    except Exception as exc:  # datasets raises ConnectionError, DatasetNotFoundError, gated errors...
+        raise UserError(
+            f"could not load dataset '{dataset_id}' (split '{split}') from the Hugging Face Hub:"
+            f" {first_line(exc)}. If you are offline or the dataset is gated (GAIR/lima is: accept its"
+            " terms on the Hub, then set HF_TOKEN), download it on a connected machine and pass"
+            " the local file instead, e.g. --dataset ./lima/train.jsonl (JSONL/JSON/Parquet rows"
+            " with a 'conversations' list), or use --dataset sample for the bundled sample."
+        ) from None
+    return [Row(dict(item), f"{dataset_id}[{split}] row {index}") for index, item in enumerate(dataset)]

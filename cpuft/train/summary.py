@@ -1,0 +1,109 @@
+"""summary.json: what a training run did, and how much of the machine it used (MFU).
+
+Owns: the base model's facts that FLOP counting needs (taken before PEFT adds its layers), the
+useful FLOPs per trained token, and the summary record `cpuft sft` writes and prints.
+
+MFU counts useful work only: the forward, backward and adapter-gradient matmuls and attention
+(cpuft.planning.flops), not gradient checkpointing's recompute, against the plan's peak FLOP/s.
+Tokens are non-padding tokens (TRL's `num_tokens`) of this process's steps, so a resumed run
+reports its own throughput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    linear_params: int  # weights in matmuls, the output head included (cpuft.planning.flops)
+    total_params: int
+    num_layers: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, model) -> "ModelFacts":
+        """The facts of a base model; call it before PEFT wraps the model (or LoRA counts twice)."""
+        from cpuft.planning.flops import linear_parameter_count
+
+        return cls(
+            linear_params=linear_parameter_count(model),
+            total_params=sum(p.numel() for p in model.parameters()),
+            num_layers=model.config.num_hidden_layers,
+            hidden_size=model.config.hidden_size,
+        )
+
+
+def trainable_parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def useful_flops_per_token(facts: ModelFacts, trainable_params: int, mean_seq_len: float) -> float:
+    """Matmul FLOPs per trained token of an adapter run, checkpointing's recompute left out."""
+    from cpuft.planning.flops import training_flops_per_token
+
+    return training_flops_per_token(
+        facts.linear_params, trainable_params, facts.num_layers, facts.hidden_size, mean_seq_len,
+        full_finetune=False, gradient_checkpointing=False,
+    )
+
+
+def run_summary(
+    *, interrupted: bool, run_dir: Path, config, data, plan, trainer_state, metrics, logged: list[dict],
+    eval_loss: float | None, wall_seconds: float, model_facts: ModelFacts, trainable_params: int,
+    memory_plan=None, time_estimate=None,
+) -> dict:
+    """The summary.json record. `metrics` is the run's MetricsCallback, `logged` every record of
+    metrics.jsonl (earlier processes of a resumed run included)."""
+    from cpuft.hardware.usage import peak_rss_bytes
+
+    losses = [(m["step"], m["loss"]) for m in logged if "loss" in m]
+    steps_this_run = trainer_state.global_step - metrics.start_step
+    samples = max(1, steps_this_run) * plan.effective_batch_size
+    tokens = metrics.train_tokens
+    flops_per_token = useful_flops_per_token(model_facts, trainable_params, tokens / samples)
+    seconds = metrics.train_seconds or 1e-9
+    achieved = flops_per_token * tokens / seconds
+    summary = {
+        "status": "interrupted" if interrupted else "completed",
+        "run_dir": str(run_dir),
+        "model": config.model,
+        "dataset": config.dataset,
+        "dataset_format": data.row_format,
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval) if data.eval is not None else 0,
+        "device": plan.device,
+        "dtype": plan.compute_dtype,
+        "quantization": plan.quantization,
+        "threads": plan.threads,
+        "steps": trainer_state.global_step,
+        "max_steps": trainer_state.max_steps,
+        "steps_this_run": steps_this_run,
+        "first_loss": losses[0][1] if losses else None,
+        "final_loss": losses[-1][1] if losses else None,
+        "eval_loss": eval_loss,
+        "wall_seconds": round(wall_seconds, 2),
+        "train_seconds": round(metrics.train_seconds, 2),
+        "train_tokens": tokens,
+        "train_tokens_per_second": round(tokens / seconds, 1),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+        "total_params": model_facts.total_params,
+        "trainable_params": trainable_params,
+        "flops_per_token": flops_per_token,
+        "achieved_flops_per_second": achieved,
+        "peak_flops_per_second": plan.peak_flops,
+        "mfu": achieved / plan.peak_flops if plan.peak_flops else None,
+        "adapter_dir": None if interrupted else str(run_dir / "adapter"),
+    }
+    if memory_plan is not None:
+        # Predicted next to measured, so users can see how far to trust `cpuft plan`.
+        summary["planned_memory_bytes"] = memory_plan.total_bytes
+    if time_estimate is not None:
+        summary["planned_train_seconds"] = round(time_estimate.total_seconds, 1)
+    if plan.device == "cuda":
+        import torch
+
+        summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return summary
