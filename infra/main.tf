@@ -11,6 +11,16 @@
 #      stopped ones included (a stopped VM's run-time clock is reset and its
 #      disk still bills), and unattached cpuft-labelled disks.
 #   4. The optional budget alert e-mails the billing admins.
+#
+# With recreate_on_preemption each VM is instead the single member of a managed
+# instance group: a preempted VM is recreated and resumes the queue from the
+# bucket; max_run_duration still deletes each VM after max_run_hours (and the
+# group replaces it); the VM itself deletes the group when the queue drains or
+# the group is max_total_hours old (infra/README.md explains the choice).
+#
+# With node_count > 1 the CPU VM is N nodes of one torch.distributed job in a
+# compact placement policy, open to each other on the rendezvous and gloo
+# ports only.
 
 locals {
   region    = regex("^(.*)-[a-z]$", var.zone)[0]
@@ -18,6 +28,7 @@ locals {
   ssh_via   = module.plan.ssh.via
   public_ip = module.plan.ssh.public_ip
 
+  # The price table cpuft's own time/cost plan reads too (shipped inside the Python package).
   prices_file = var.prices_file != "" ? var.prices_file : "${path.module}/../cpuft/planning/gcp_prices.csv"
 
   batch_queue_yaml = var.batch_queue_file != "" ? file(var.batch_queue_file) : ""
@@ -25,18 +36,30 @@ locals {
   stack_labels     = module.plan.stack_labels
 
   # Narrow OAuth scopes instead of cloud-platform: even if someone later
-  # grants the service account more roles, the VM cannot use them.
+  # grants the service account more roles, the VM cannot use them. The compute
+  # scope comes only with recreation, where IAM limits it to reading and
+  # deleting instance groups (google_project_iam_custom_role.vm_deletes_its_group).
   vm_scopes = concat(
     [
       "https://www.googleapis.com/auth/logging.write",
       "https://www.googleapis.com/auth/monitoring.write",
     ],
     var.results_bucket ? ["https://www.googleapis.com/auth/devstorage.read_write"] : [],
+    var.recreate_on_preemption ? ["https://www.googleapis.com/auth/compute"] : [],
   )
 
   # Keys of module.plan.vms, spelled out from the variables so that static
   # analysers (checkov, tfparse) can expand the VM resources too.
-  vm_roles = toset(concat(var.cpu_vm ? ["cpu"] : [], var.gpu_vm ? ["gpu"] : []))
+  cpu_keys = var.node_count > 1 ? [for rank in range(var.node_count) : "cpu-${rank}"] : ["cpu"]
+  vm_keys  = toset(concat(var.cpu_vm ? local.cpu_keys : [], var.gpu_vm ? ["gpu"] : []))
+  # Each VM is either a plain instance or the template of its own group.
+  instance_keys = var.recreate_on_preemption ? toset([]) : local.vm_keys
+  group_keys    = var.recreate_on_preemption ? local.vm_keys : toset([])
+  multi_node    = var.node_count > 1 && var.cpu_vm
+
+  vm_tags = {
+    for key in local.vm_keys : key => concat([local.ssh_tag], module.plan.vms[key].node_rank == null ? [] : [module.plan.nodes.network_tag])
+  }
 
   apis = var.enable_apis ? toset(concat(
     ["compute.googleapis.com", "iap.googleapis.com", "oslogin.googleapis.com"],
@@ -67,6 +90,12 @@ module "plan" {
   batch_queue_yaml    = local.batch_queue_yaml
   results_bucket      = var.results_bucket ? local.bucket_name : ""
   ssh_source_ranges   = var.ssh_source_ranges
+
+  node_count             = var.node_count
+  subnet_cidr            = var.subnet_cidr
+  rdzv_port              = var.rdzv_port
+  recreate_on_preemption = var.recreate_on_preemption
+  max_total_hours        = var.max_total_hours
 }
 
 resource "google_project_service" "api" {
@@ -141,6 +170,50 @@ resource "google_compute_firewall" "ssh" {
   }
 }
 
+# Multi-node jobs: torch.distributed's rendezvous on node 0 and gloo's
+# connections (ephemeral ports) between the nodes. The source is the nodes'
+# own network tag, so nothing outside this job's VMs matches, not even other
+# VMs of the stack.
+resource "google_compute_firewall" "nodes" {
+  count = local.multi_node ? 1 : 0
+
+  name        = "${var.name}-nodes-internal"
+  network     = google_compute_network.this.id
+  direction   = "INGRESS"
+  priority    = 1000
+  description = "torch.distributed between the ${var.node_count} nodes of one cpuft job: rendezvous (TCP ${var.rdzv_port}) and gloo (TCP ephemeral ports), from those nodes only."
+  source_tags = [module.plan.nodes.network_tag]
+  target_tags = [module.plan.nodes.network_tag]
+
+  allow {
+    protocol = "tcp"
+    ports    = module.plan.nodes.ports
+  }
+
+  log_config {
+    metadata = "EXCLUDE_ALL_METADATA"
+  }
+}
+
+# Compact placement puts the nodes close together in the zone (fewer hops for
+# the all-reduce). Google supports it on C3 (and C2, C2D, C3D, C4, N2, N2D,
+# H3, A2/A3, G2 among others); VMs must not live-migrate, which
+# on_host_maintenance = "TERMINATE" already ensures.
+resource "google_compute_resource_policy" "nodes" {
+  count = local.multi_node ? 1 : 0
+
+  name        = "${var.name}-nodes"
+  region      = local.region
+  description = "Compact placement of the ${var.node_count} nodes of one cpuft job."
+
+  group_placement_policy {
+    vm_count    = var.node_count
+    collocation = "COLLOCATED"
+  }
+
+  depends_on = [google_project_service.api]
+}
+
 # --- Identity: a service account that can write logs and, if asked, results -
 
 resource "google_service_account" "vm" {
@@ -159,6 +232,32 @@ resource "google_project_iam_member" "vm" {
   member  = google_service_account.vm.member
 }
 
+# With recreate_on_preemption the VM deletes its own group when the queue
+# drains. Compute Engine has no per-group IAM policy (instanceGroupManagers
+# has no setIamPolicy, unlike instances and templates), and IAM Conditions do
+# not list instance groups among the resource types whose name they can test,
+# so the narrowest grant is a custom role with exactly two permissions on the
+# project: read an instance group (its creation time is the run's clock) and
+# delete one. Both can only ever stop spending: the VM cannot create, resize,
+# start or reconfigure anything, nor touch instances, disks or data.
+resource "google_project_iam_custom_role" "vm_deletes_its_group" {
+  count = var.recreate_on_preemption ? 1 : 0
+
+  project     = var.project_id
+  role_id     = "${replace(var.name, "-", "_")}_vm_deletes_its_group"
+  title       = "cpuft ${var.name}: VM deletes its instance group"
+  description = "Lets a cpuft VM read and delete managed instance groups, so that it can delete its own when its queue is done. Nothing else."
+  permissions = ["compute.instanceGroupManagers.delete", "compute.instanceGroupManagers.get"]
+}
+
+resource "google_project_iam_member" "vm_deletes_its_group" {
+  count = var.recreate_on_preemption ? 1 : 0
+
+  project = var.project_id
+  role    = google_project_iam_custom_role.vm_deletes_its_group[0].id
+  member  = google_service_account.vm.member
+}
+
 # OS Login needs the caller to be able to act as the VM's service account.
 resource "google_service_account_iam_member" "ssh_members" {
   for_each = toset(var.ssh_members)
@@ -173,14 +272,16 @@ resource "google_service_account_iam_member" "ssh_members" {
 resource "google_compute_instance" "vm" {
   # checkov:skip=CKV_GCP_38: Disks use Google-managed encryption at rest; customer-supplied keys would have to live on the operator's laptop and be passed at every start of a throwaway VM.
   # checkov:skip=CKV_GCP_40: A public IP is added only when ssh_source_ranges lists explicit CIDRs (opt-in); the default is IAP with no public IP.
-  for_each = local.vm_roles
+  for_each = local.instance_keys
 
   name         = module.plan.vms[each.key].name
   zone         = var.zone
   machine_type = module.plan.vms[each.key].machine_type
   labels       = module.plan.vms[each.key].labels
-  tags         = [local.ssh_tag]
+  tags         = local.vm_tags[each.key]
   description  = "cpuft ${module.plan.vms[each.key].role} VM; deletes itself after ${var.max_run_hours} h."
+
+  resource_policies = module.plan.vms[each.key].node_rank == null ? [] : google_compute_resource_policy.nodes[*].id
 
   # Must stay deletable: the reaper, teardown and max_run_duration all delete it.
   deletion_protection       = false
@@ -199,6 +300,9 @@ resource "google_compute_instance" "vm" {
   network_interface {
     subnetwork = google_compute_subnetwork.this.id
     nic_type   = "GVNIC" # C3 supports no other NIC
+    # Fixed for the nodes of a multi-node job (rank 0's is the rendezvous
+    # endpoint); null lets Compute Engine pick.
+    network_ip = module.plan.vms[each.key].network_ip
 
     dynamic "access_config" {
       for_each = local.public_ip ? [1] : []
@@ -219,6 +323,7 @@ resource "google_compute_instance" "vm" {
     enable_integrity_monitoring = true
   }
 
+  # Literal, not built in locals: checkov reads only literal metadata maps.
   metadata = {
     "enable-oslogin"         = "TRUE"
     "block-project-ssh-keys" = "TRUE"
@@ -227,6 +332,10 @@ resource "google_compute_instance" "vm" {
     "shutdown-script"        = module.plan.vms[each.key].shutdown_script
     # Read by the startup script when batch_mode is not "off".
     "cpuft-batch-queue" = local.batch_queue_yaml
+    # Read by the startup script on the nodes of a multi-node job ("" elsewhere).
+    "cpuft-node-rank"     = module.plan.vms[each.key].node_metadata["cpuft-node-rank"]
+    "cpuft-node-count"    = module.plan.vms[each.key].node_metadata["cpuft-node-count"]
+    "cpuft-rdzv-endpoint" = module.plan.vms[each.key].node_metadata["cpuft-rdzv-endpoint"]
   }
 
   scheduling {
@@ -244,9 +353,132 @@ resource "google_compute_instance" "vm" {
   depends_on = [google_project_iam_member.vm, google_compute_router_nat.this]
 }
 
+# --- Or: each VM as the single member of a managed instance group ----------
+# The template holds exactly what google_compute_instance.vm holds (same plan,
+# metadata, scopes, Shielded VM, self-deletion after max_run_hours); the group
+# keeps one VM alive from it. infra/README.md, "A VM that comes back", says why
+# a group and not a scheduler or a stopped VM.
+
+resource "google_compute_instance_template" "vm" {
+  # checkov:skip=CKV_GCP_38: Disks use Google-managed encryption at rest; customer-supplied keys would have to live on the operator's laptop and be passed at every start of a throwaway VM.
+  # checkov:skip=CKV_GCP_40: A public IP is added only when ssh_source_ranges lists explicit CIDRs (opt-in); the default is IAP with no public IP.
+  for_each = local.group_keys
+
+  name_prefix  = "${module.plan.vms[each.key].name}-"
+  machine_type = module.plan.vms[each.key].machine_type
+  labels       = module.plan.vms[each.key].labels
+  tags         = local.vm_tags[each.key]
+  description  = "cpuft ${module.plan.vms[each.key].role} VM of group ${module.plan.vms[each.key].group_name}; each VM deletes itself after ${var.max_run_hours} h, the group after ${var.max_total_hours} h."
+
+  disk {
+    boot         = true
+    auto_delete  = true
+    source_image = module.plan.vms[each.key].image
+    disk_size_gb = var.boot_disk_gb
+    disk_type    = module.plan.vms[each.key].boot_disk_type
+    labels       = module.plan.vms[each.key].labels
+  }
+
+  network_interface {
+    subnetwork = google_compute_subnetwork.this.id
+    nic_type   = "GVNIC"
+
+    dynamic "access_config" {
+      for_each = local.public_ip ? [1] : []
+      content {
+        network_tier = "PREMIUM"
+      }
+    }
+  }
+
+  service_account {
+    email  = google_service_account.vm.email
+    scopes = local.vm_scopes
+  }
+
+  shielded_instance_config {
+    enable_secure_boot          = module.plan.vms[each.key].gpu ? var.gpu_secure_boot : true
+    enable_vtpm                 = true
+    enable_integrity_monitoring = true
+  }
+
+  # Literal, not built in locals: checkov reads only literal metadata maps.
+  metadata = {
+    "enable-oslogin"         = "TRUE"
+    "block-project-ssh-keys" = "TRUE"
+    "serial-port-enable"     = "FALSE"
+    "startup-script"         = module.plan.vms[each.key].startup_script
+    "shutdown-script"        = module.plan.vms[each.key].shutdown_script
+    # Read by the startup script when batch_mode is not "off".
+    "cpuft-batch-queue" = local.batch_queue_yaml
+    # Read by the startup script on the nodes of a multi-node job ("" elsewhere).
+    "cpuft-node-rank"     = module.plan.vms[each.key].node_metadata["cpuft-node-rank"]
+    "cpuft-node-count"    = module.plan.vms[each.key].node_metadata["cpuft-node-count"]
+    "cpuft-rdzv-endpoint" = module.plan.vms[each.key].node_metadata["cpuft-rdzv-endpoint"]
+  }
+
+  scheduling {
+    provisioning_model          = module.plan.vms[each.key].provisioning_model
+    preemptible                 = module.plan.vms[each.key].preemptible
+    automatic_restart           = module.plan.vms[each.key].automatic_restart
+    on_host_maintenance         = module.plan.vms[each.key].on_host_maintenance
+    instance_termination_action = module.plan.vms[each.key].instance_termination_action
+
+    max_run_duration {
+      seconds = module.plan.vms[each.key].max_run_duration_seconds
+    }
+  }
+
+  # The group points at the template, so a changed template is created first.
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "google_compute_instance_group_manager" "vm" {
+  for_each = local.group_keys
+
+  name               = module.plan.vms[each.key].group_name
+  zone               = var.zone
+  base_instance_name = module.plan.vms[each.key].name
+  description        = "Keeps one cpuft ${module.plan.vms[each.key].role} VM running its queue; the VM deletes this group when the queue drains or after ${var.max_total_hours} h."
+  target_size        = 1
+  # A Spot VM may wait for capacity; apply must not.
+  wait_for_instances = false
+
+  version {
+    name              = "cpuft"
+    instance_template = google_compute_instance_template.vm[each.key].self_link_unique
+  }
+
+  # A new template (say, another cpuft pin) reaches the next VM the group
+  # creates; a VM in the middle of a job is not replaced under it.
+  update_policy {
+    type                  = "OPPORTUNISTIC"
+    minimal_action        = "REPLACE"
+    replacement_method    = "RECREATE"
+    max_surge_fixed       = 0
+    max_unavailable_fixed = 1
+  }
+
+  instance_lifecycle_policy {
+    default_action_on_failure = "REPAIR"
+    force_update_on_repair    = "YES"
+  }
+
+  depends_on = [
+    google_project_iam_member.vm,
+    google_project_iam_member.vm_deletes_its_group,
+    google_storage_bucket_iam_member.vm_writes_results,
+    google_compute_router_nat.this,
+  ]
+}
+
+# Instance-level grants exist only for named VMs: members of a group come and
+# go with generated names (README: grant roles/compute.osAdminLogin yourself).
 resource "google_compute_instance_iam_member" "ssh_members" {
   for_each = {
-    for pair in setproduct(tolist(local.vm_roles), var.ssh_members) : "${pair[0]} ${pair[1]}" => { vm = pair[0], member = pair[1] }
+    for pair in setproduct(tolist(local.instance_keys), var.ssh_members) : "${pair[0]} ${pair[1]}" => { vm = pair[0], member = pair[1] }
   }
 
   zone          = var.zone
@@ -259,7 +491,7 @@ resource "google_compute_instance_iam_member" "ssh_members" {
 # listed CIDRs, not IAP's range) and keeps one code path.
 resource "google_iap_tunnel_instance_iam_member" "ssh_members" {
   for_each = {
-    for pair in setproduct(tolist(local.vm_roles), var.ssh_members) : "${pair[0]} ${pair[1]}" => { vm = pair[0], member = pair[1] }
+    for pair in setproduct(tolist(local.instance_keys), var.ssh_members) : "${pair[0]} ${pair[1]}" => { vm = pair[0], member = pair[1] }
   }
 
   zone     = var.zone

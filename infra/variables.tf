@@ -109,6 +109,30 @@ variable "prices_file" {
   default     = ""
 }
 
+variable "node_count" {
+  description = "CPU VMs that train one job together (torch.distributed over gloo; scripts/gcp/run starts it on each). 1: one VM, <name>-cpu. More: <name>-cpu-0 ... in one compact placement policy, with a firewall rule that opens the rendezvous and gloo ports to each other only."
+  type        = number
+  default     = 1
+}
+
+variable "rdzv_port" {
+  description = "With node_count > 1: TCP port of the rendezvous on node 0 (torchrun's default)."
+  type        = number
+  default     = 29500
+}
+
+variable "recreate_on_preemption" {
+  description = "Each VM becomes the single member of a managed instance group: a preempted VM is recreated and resumes the batch queue from the results bucket; when the queue drains the VM deletes its group. Needs batch_mode = \"run\" and results_bucket = true."
+  type        = bool
+  default     = false
+}
+
+variable "max_total_hours" {
+  description = "With recreate_on_preemption: the group's whole allowance. Once the group is this many hours old, the VM running then checkpoints, stops the queue and deletes the group, however often it was recreated. The worst case you pay for."
+  type        = number
+  default     = 24
+}
+
 # --- What runs on them -------------------------------------------------------
 
 variable "cpuft_pip_spec" {

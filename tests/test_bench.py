@@ -68,6 +68,53 @@ def test_bench_variants_differ_only_where_they_should(tiny_bench):
     assert len({run["trainable_params"] for run in report["variants"].values()}) == 1  # same LoRA everywhere
 
 
+def test_trl_best_packs_padding_free_and_trains_the_same_rows(tiny_bench):
+    out, proc = tiny_bench
+    report = json.loads((out / "bench.json").read_text())
+    best, tuned = report["variants"]["trl_best"], report["variants"]["trl_tuned"]
+    assert best["packing"] and best["padding_free"] and not best["gradient_checkpointing"]
+    assert best["compute_dtype"] == tuned["compute_dtype"]
+    # Padding-free rows pad only to a multiple, far less than TRL's random unpacked batches.
+    assert best["padding_fraction"] < tuned["padding_fraction"]
+    # Packed rows are fuller, so it takes no more optimizer steps than the bench's 2 for one epoch.
+    assert 1 <= best["steps"] <= 2
+    assert "trl_best" in proc.stdout
+
+
+def test_speedup_vs_best_trl_names_the_fastest_trl_run(tiny_bench):
+    """Checked against each worker's own result file, not bench.json's derived numbers."""
+    out, proc = tiny_bench
+    report = json.loads((out / "bench.json").read_text())
+    measured = {v: json.loads((out / "work" / f"result-{v}.json").read_text())["tokens_per_second"]
+                for v in ("trl_defaults", "trl_tuned", "trl_best")}
+    fastest = max(measured, key=measured.get)
+    assert report["best_trl_variant"] == fastest
+    # Against the fastest peer cpuft's ratio is the smallest of its ratios to TRL variants.
+    for other in measured:
+        ratio_to_other = report["variants"]["cpuft"]["tokens_per_second"] / measured[other]
+        assert report["speedup_vs_best_trl"] <= ratio_to_other * (1 + 1e-9), other
+    assert report["speedup_vs_trl_tuned"] is not None  # the old keys stay
+    assert f"fastest TRL variant: {fastest}" in proc.stdout
+
+
+@pytest.mark.parametrize("size, published_params", [
+    # Hub model pages (safetensors parameter counts): Qwen2.5-0.5B 494,032,768; Llama-3.2-1B 1,235,814,400.
+    ("qwen0.5b", 494_032_768),
+    ("llama1b", 1_235_814_400),
+])
+def test_published_shape_sizes_have_the_published_parameter_count(size, published_params):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cpuft.bench.sizes import SIZES
+
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = AutoModelForCausalLM.from_config(SIZES[size].model.config())
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    assert abs(params - published_params) / published_params < 0.01, params
+    assert model.get_output_embeddings().weight.shape[0] in (151_936, 128_256)  # full vocabulary
+
+
 def test_bench_writes_a_chart(tiny_bench):
     out, _ = tiny_bench
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,18 +5,28 @@
   checkpointing recomputes the forward pass).
 - trl_tuned: tuned by hand for this CPU: fp32 where bf16 is not native, gradient checkpointing
   off, one thread per physical core.
+- trl_best: the strongest plain-TRL setup we know: trl_tuned plus bf16 base weights where bf16
+  is native, and TRL's own answer to padding, `packing=True, packing_strategy="bfd"` (which
+  turns on padding-free batches; TRL 1.16 refuses padding_free with max_length unless packing).
+  Packing fills each row to max_length, so the batch is resized to keep one epoch of the same
+  rows in at most the bench's step count (`fit_packed_batch`): every variant trains the same
+  tokens.
 
-Limits: no length grouping or packing (TRL's random sampler), as plain TRL does by default.
+Limits: trl_defaults and trl_tuned do no length grouping or packing (TRL's random sampler), as
+plain TRL does by default.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
+from cpuft.bench.sizes import TRL_VARIANTS
 
-def plain_trl_trainer(spec: dict, tuned: bool):
-    """(trainer, base-model facts, the settings it runs with) for a worker spec."""
+
+def plain_trl_trainer(spec: dict, variant: str):
+    """(trainer, base-model facts, the settings it runs with) for a worker spec and TRL variant."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -26,10 +36,15 @@ def plain_trl_trainer(spec: dict, tuned: bool):
     from cpuft.bench.data import read_jsonl
     from cpuft.train.summary import ModelFacts
 
+    if variant not in TRL_VARIANTS:
+        raise ValueError(f"unknown TRL variant {variant!r}")
+    tuned = variant != "trl_defaults"
+    best = variant == "trl_best"
     if tuned:
         torch.set_num_threads(spec["threads"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"])
+    weights_dtype = torch.bfloat16 if best and spec["native_bf16"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=weights_dtype)
     facts = asdict(ModelFacts.of(model))
     kwargs: dict[str, Any] = dict(
         output_dir=spec["run_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
@@ -40,11 +55,31 @@ def plain_trl_trainer(spec: dict, tuned: bool):
     )
     if tuned:
         kwargs.update(bf16=spec["native_bf16"], gradient_checkpointing=False)
+    if best:
+        kwargs.update(packing=True, packing_strategy="bfd")
     args = SFTConfig(**kwargs)
     lora = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
                       target_modules=spec["lora_target_modules"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(read_jsonl(spec["train"])),
                          processing_class=tokenizer, peft_config=lora)
+    if best:
+        fit_packed_batch(trainer, spec["steps"], spec["accumulation"])
     plan = {"compute_dtype": "bf16" if args.bf16 else "fp32", "gradient_checkpointing": bool(args.gradient_checkpointing),
-            "threads": torch.get_num_threads(), "sampling": args.train_sampling_strategy, "packing": bool(args.packing)}
+            "threads": torch.get_num_threads(), "sampling": args.train_sampling_strategy, "packing": bool(args.packing),
+            "padding_free": bool(getattr(trainer, "padding_free", False)),
+            "weights_dtype": str(weights_dtype).removeprefix("torch."),
+            "batch_size": trainer.args.per_device_train_batch_size}
     return trainer, facts, plan
+
+
+def fit_packed_batch(trainer, steps: int, accumulation: int) -> None:
+    """Packed rows per batch so one epoch of the packed dataset takes at most `steps` steps.
+
+    Packing turns N conversations into fewer, full rows; with the unpacked batch size and
+    max_steps the trainer would loop over the data again and train on more tokens than the
+    other variants. One epoch, in ceil(rows / (steps * accumulation)) rows per micro-batch.
+    """
+    rows = len(trainer.train_dataset)
+    trainer.args.per_device_train_batch_size = max(1, math.ceil(rows / (steps * accumulation)))
+    trainer.args.num_train_epochs = 1
+    trainer.args.max_steps = math.ceil(rows / (trainer.args.per_device_train_batch_size * accumulation))

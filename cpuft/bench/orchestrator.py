@@ -12,7 +12,7 @@ a quiet machine before quoting a number.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cpuft.artifacts import atomic_write_json, atomic_write_text
@@ -25,6 +25,8 @@ from cpuft.bench.sizes import (
     SIZES,
     VARIANTS,
     BenchSize,
+    PublishedShape,
+    describe_model,
 )
 from cpuft.bench.worker import run_in_worker
 from cpuft.errors import UserError
@@ -116,10 +118,31 @@ def _bench_model(work: Path, size_name: str, size: BenchSize, log) -> Path:
 
     model_dir = work / f"model-{size_name}"
     spec_path = model_dir / "bench_spec.json"
-    wanted = json.dumps(asdict(size.model), sort_keys=True)
+    wanted = json.dumps(describe_model(size.model), sort_keys=True)
     if not (spec_path.is_file() and spec_path.read_text() == wanted):
         log(f"building the {size_name} model in {model_dir}...")
         texts = [m["content"] for row in synthetic_conversations(2000, 7, size.median_reply_words) for m in row["messages"]]
-        build_tiny_model(model_dir, texts=texts, spec=size.model)
+        if isinstance(size.model, PublishedShape):
+            _build_published_shape(model_dir, texts, size.model)
+        else:
+            build_tiny_model(model_dir, texts=texts, spec=size.model)
         atomic_write_text(spec_path, wanted)
     return model_dir
+
+
+def _build_published_shape(model_dir: Path, texts: list[str], shape: PublishedShape) -> None:
+    """A released architecture with random weights and the bench's small BPE tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cpuft.artifacts import atomic_directory
+    from cpuft.testing.tiny_model import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, shape.tokenizer_vocab)
+    torch.manual_seed(shape.seed)
+    model = AutoModelForCausalLM.from_config(shape.config(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    with atomic_directory(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -7,11 +7,13 @@ cpuft.bench.worker).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from cpuft.testing.architectures import PUBLISHED_MODELS, PublishedModel
 from cpuft.testing.tiny_model import TinyModelSpec
 
-VARIANTS = ("trl_defaults", "trl_tuned", "cpuft")
+VARIANTS = ("trl_defaults", "trl_tuned", "trl_best", "cpuft")
+TRL_VARIANTS = tuple(v for v in VARIANTS if v.startswith("trl_"))
 # Added by itself on CPUs with native bf16, so the report shows bf16 against fp32 there.
 CPUFT_FP32 = "cpuft_fp32"
 # Shared by every variant: the bench compares execution, not optimisation recipes.
@@ -20,8 +22,57 @@ LORA_SETTINGS = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_mo
 
 
 @dataclass(frozen=True)
+class PublishedShape:
+    """A released model's architecture (its config.json fields, cpuft.testing.architectures) with
+    random weights: nothing is downloaded.
+
+    The model keeps the published vocabulary (embedding and lm_head cost what they cost); the
+    tokenizer is the bench's small BPE (`tokenizer_vocab`), so token ids use only the low range
+    of the embedding. Its special-token ids are written into the config.
+    """
+
+    hub_id: str
+    tokenizer_vocab: int = 8192
+    seed: int = 0
+
+    @property
+    def published(self) -> PublishedModel:
+        return next(m for m in PUBLISHED_MODELS if m.hub_id == self.hub_id)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.published.config_fields["hidden_size"]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.published.config_fields["intermediate_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.published.config_fields["vocab_size"]
+
+    def config(self, tokenizer=None):
+        """The transformers config; token ids from `tokenizer` when given."""
+        config = self.published.config()
+        if tokenizer is not None:
+            config.pad_token_id = tokenizer.pad_token_id
+            config.bos_token_id = tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+        return config
+
+    def describe(self) -> dict:
+        return {"architecture_of": self.hub_id, "model_type": self.published.model_type,
+                **self.published.config_fields, "tokenizer_vocab": self.tokenizer_vocab, "seed": self.seed}
+
+
+def describe_model(model: TinyModelSpec | PublishedShape) -> dict:
+    """The bench model's defining fields, for bench.json and the rebuild check."""
+    return model.describe() if isinstance(model, PublishedShape) else asdict(model)
+
+
+@dataclass(frozen=True)
 class BenchSize:
-    model: TinyModelSpec
+    model: TinyModelSpec | PublishedShape
     steps: int
     batch_size: int
     accumulation: int
@@ -48,5 +99,15 @@ SIZES = {
         model=TinyModelSpec(vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
                             intermediate_size=2560),
         steps=8, batch_size=8, accumulation=1, max_length=512, median_reply_words=110, eval_samples=16,
+    ),
+    # The shapes people train (random weights, full published vocabulary). Few steps: each
+    # variant runs in minutes on 2 cores; 4 rows of up to 512 tokens per step.
+    "qwen0.5b": BenchSize(
+        model=PublishedShape("Qwen/Qwen2.5-0.5B"),
+        steps=4, batch_size=4, accumulation=1, max_length=512, median_reply_words=110, eval_samples=8,
+    ),
+    "llama1b": BenchSize(
+        model=PublishedShape("meta-llama/Llama-3.2-1B"),
+        steps=4, batch_size=4, accumulation=1, max_length=512, median_reply_words=110, eval_samples=8,
     ),
 }

@@ -5,8 +5,8 @@
 The parent (`run_in_worker`) writes SPEC.json, which names the variant, its settings and a
 `result_path`; the worker runs it and writes the result there as JSON; exit 0 means the result
 is complete. A fresh process per variant keeps peak RSS, thread settings and imported state its
-own. Variants: "gemm" (matmul FLOP/s, cpuft.hardware.gemm), "trl_defaults" and "trl_tuned"
-(cpuft.bench.baselines), "cpuft" and "cpuft_fp32" (cpuft's own recipe).
+own. Variants: "gemm" (matmul FLOP/s, cpuft.hardware.gemm), "trl_defaults", "trl_tuned" and
+"trl_best" (cpuft.bench.baselines), "cpuft" and "cpuft_fp32" (cpuft's own recipe).
 
 Limits: the worker's output goes to work/log-VARIANT.txt (or the --onednn-verbose file); a
 failed worker raises RuntimeError in the parent with the log's last 30 lines.
@@ -60,7 +60,7 @@ def run_variant(spec: dict) -> dict:
     else:
         from cpuft.bench.baselines import plain_trl_trainer
 
-        trainer, model_facts, plan_facts = plain_trl_trainer(spec, tuned=variant == "trl_tuned")
+        trainer, model_facts, plan_facts = plain_trl_trainer(spec, variant)
     return train_and_measure(trainer, spec, model_facts, plan_facts)
 
 

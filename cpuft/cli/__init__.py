@@ -17,7 +17,7 @@ from cpuft import __version__
 from cpuft.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, UserError
 
 # Subcommand modules under cpuft.cli, in --help order.
-COMMAND_MODULES = ["sft", "env", "tiny_model", "bench", "plan", "merge", "infer", "batch"]
+COMMAND_MODULES = ["sft", "env", "tiny_model", "bench", "plan", "merge", "infer", "serve", "batch"]
 
 DESCRIPTION = """\
 CPU-first LoRA/QLoRA fine-tuning. `cpuft sft --device auto` probes the machine, plans
@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def _not_untied_head_notice(record: logging.LogRecord) -> bool:
+    return "so we will NOT tie them" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Quiet third-party chatter that a user cannot act on; warnings that matter come from the plan.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -56,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     # Hub; it falls back to its own kernel, so there is nothing for the user to do.
     for noisy_logger in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy_logger).setLevel(logging.ERROR)
+        # `import torch` resets torch.* loggers' levels to NOTSET; a filter survives that reset.
+        logging.getLogger(noisy_logger).addFilter(_below_error)
+    # T5 v1.1 / Flan-T5 / mT5 checkpoints hold their own output head; transformers 5 says on
+    # every load that it will "NOT tie" it, which is what those checkpoints need.
+    logging.getLogger("transformers.modeling_utils").addFilter(_not_untied_head_notice)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

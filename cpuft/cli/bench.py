@@ -1,4 +1,4 @@
-"""`cpuft bench`: cpuft against plain TRL (defaults, and tuned by hand) on the same job."""
+"""`cpuft bench`: cpuft against plain TRL (defaults, tuned by hand, and its best) on the same job."""
 
 from __future__ import annotations
 
@@ -13,12 +13,20 @@ Variants, each in its own process (same model, LoRA, data, max_length, optimizer
                 checkpointing on) -- what a newcomer runs
   trl_tuned     plain TRL tuned by hand: fp32 unless bf16 is native, no checkpointing,
                 one thread per physical core
+  trl_best      the strongest plain TRL: trl_tuned plus bf16 base weights where bf16 is
+                native and TRL's padding-free packing (packing=True, packing_strategy="bfd")
   cpuft         cpuft's recipe with its plan for this machine
   cpuft_fp32    added on AMX/AVX512-BF16 CPUs: cpuft forced to fp32, to show bf16 vs fp32
 
 Reported per variant: non-padding tokens/s, median step time, peak RSS, padding fraction,
 final train loss, held-out loss (same fp32 evaluation for all), MFU against this machine's
-measured matmul FLOP/s. Writes OUT/bench.json (ratios are top-level numbers) and OUT/bench.png.
+measured matmul FLOP/s. Writes OUT/bench.json (ratios are top-level numbers; the headline,
+speedup_vs_best_trl, is against the fastest TRL variant of the run, named in best_trl_variant)
+and OUT/bench.png.
+
+Sizes: tiny (CI smoke test), 100m (~95M params), and the shapes people train, with random
+weights and their full published vocabulary: qwen0.5b (Qwen2.5-0.5B, 494M) and llama1b
+(Llama-3.2-1B, 1.24B); the tokenizer is the bench's small BPE, so ids use the vocabulary's low range.
 
 Timings are only as quiet as the machine: on a shared machine use --repeats 3 (variants run
 interleaved, medians reported).
@@ -27,6 +35,7 @@ examples:
   cpuft bench --size tiny --out bench-results/tiny            smoke test, ~1 minute
   cpuft bench --size 100m --out bench-results/100m            the headline (~95M params)
   cpuft bench --size 100m --variants trl_tuned,cpuft --repeats 3
+  cpuft bench --size qwen0.5b --variants trl_best,cpuft --repeats 2   Qwen2.5-0.5B's shapes
   cpuft bench --size 100m --onednn-verbose onednn.log         on AMX: which kernels ran
 """
 
@@ -43,7 +52,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--size", choices=list(SIZES), default="tiny",
-                        help="tiny: CI smoke test; 100m: ~95M-parameter headline (default %(default)s)")
+                        help="tiny: CI smoke test; 100m: ~95M params; qwen0.5b, llama1b: those models' published"
+                        " shapes, random weights (default %(default)s)")
     parser.add_argument("--out", default=None, help="output directory (default bench-results/<size>)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the size's own)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
@@ -64,7 +74,7 @@ def run(args) -> int:
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:
-        raise UserError("--variants is empty; name at least one of trl_defaults, trl_tuned, cpuft.")
+        raise UserError("--variants is empty; name at least one of trl_defaults, trl_tuned, trl_best, cpuft.")
     options = BenchOptions(
         size=args.size,
         out_dir=Path(args.out or f"bench-results/{args.size}"),

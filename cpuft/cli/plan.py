@@ -92,8 +92,10 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
 
     from cpuft.hardware.probe import probe_machine
     from cpuft.modeling import read_model_config
+    from cpuft.planning.architecture import architecture_facts
     from cpuft.planning.cloud import planned_epochs, time_for_run
     from cpuft.planning.fit import plan_job
+    from cpuft.planning.plan import with_architecture
     from cpuft.planning.report import format_env_table
 
     machine_type = known_machine_type(config)
@@ -109,6 +111,7 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
     fitted = plan_job(machine, config, shape, training="full" if method == "full" else "adapter",
                       where=machine_type.name if machine_type else None)
     plan, settings, memory = fitted.plan, fitted.settings, fitted.memory
+    plan = with_architecture(plan, architecture_facts(model_config, config.attn_implementation, config.lora_target_modules))
 
     time_estimate, time_note = None, None
     token_count, mean_seq_len = tokens, float(config.max_length)

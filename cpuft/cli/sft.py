@@ -52,6 +52,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="validate config, data and model, print the plan, do not train")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs and batch jobs)")
+    launch = parser.add_argument_group("more than one process (DDP through torchrun, gloo on CPU)")
+    launch.add_argument(
+        "--nproc-per-node", default="1", metavar="auto|N",
+        help="processes on this machine: auto = one per NUMA node when there is more than one (default 1)",
+    )
+    launch.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address for the rendezvous (nnodes > 1)")
     add_config_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -61,34 +69,45 @@ def run(args) -> int:
     from cpuft.hardware.probe import probe_machine
     from cpuft.train.recipe import SFTRecipe
 
+    launched = _launch_ranks(args)
+    if launched is not None:
+        return launched
     cli_values = config_values(args)
     base, origins = None, None
     if args.resume:
         if "output_dir" not in cli_values:
             raise UserError("--resume needs --output-dir: the run directory to continue.")
-        base, origins = _saved_config(Path(cli_values["output_dir"]))
+        run_dir = Path(cli_values["output_dir"])
+        sync_to = cli_values.get("sync_to") or (read_mapping(args.config)[0].get("sync_to") if args.config else None)
+        if sync_to and not (run_dir / "config.yaml").is_file():
+            args.resume = _restore_from_store(str(sync_to), run_dir)
+        if args.resume:
+            base, origins = _saved_config(run_dir)
     config = resolve_config(args.config, cli_values, base=base, origins=origins)
     known_machine_type(config)
 
     recipe = SFTRecipe(config, probe_machine(), resume=args.resume, show_progress=not args.no_progress)
     recipe.setup()
     data = recipe.data
-    print(
+    recipe.log(
         f"\ndata: {data.source} ({data.row_format}), {len(data.train)} train / "
         f"{len(data.eval) if data.eval is not None else 0} eval rows"
     )
-    print(f"run directory: {recipe.run_dir}\n", flush=True)
+    recipe.log(f"run directory: {recipe.run_dir}\n", flush=True)
     if args.dry_run:
         print("dry run: nothing trained, nothing written.")
         return 0
 
     result = recipe.train()
     summary = result.summary
+    if not summary:  # a rank other than 0: rank 0 reports for the job
+        return EXIT_INTERRUPTED if result.status == "interrupted" else 0
     print()
     if result.status == "interrupted":
         print(
             f"interrupted at step {summary['steps']}: checkpoint saved in {result.run_dir}."
             f" Continue with: cpuft sft --output-dir {result.run_dir} --resume"
+            + (f" --sync-to {config.sync_to}" if config.sync_to else "")
         )
         return EXIT_INTERRUPTED
     loss_line = f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "no loss logged"
@@ -103,6 +122,25 @@ def run(args) -> int:
     return 0
 
 
+def _restore_from_store(url: str, run_dir: Path) -> bool:
+    """--resume --sync-to on a machine without the run: True when restored from the store (then
+    resume), False when the store holds no run either (then start fresh, as a new VM's first
+    attempt does)."""
+    from cpuft.storage import RunStore
+
+    store = RunStore(url)
+    store.check_writable()
+    if not store.has("config.yaml") or not any(c.complete for c in store.checkpoints()):
+        # A run killed before its first checkpoint was stored has nothing to continue from.
+        print(f"--resume: neither {run_dir} nor {url} holds a checkpoint; starting fresh.", flush=True)
+        return False
+    report = store.restore(run_dir)
+    if report.checkpoint is None:  # the complete ones failed their sha256 check on download
+        raise UserError(f"--resume: no checkpoint in {url} could be restored (see the warnings above).")
+    print(f"restored {report.checkpoint} from {url} into {run_dir}", flush=True)
+    return True
+
+
 def _saved_config(run_dir: Path) -> tuple[dict, dict]:
     """The saved job (cpuft's keys and the pass-through values) and where each key is in the file.
 
@@ -113,3 +151,33 @@ def _saved_config(run_dir: Path) -> tuple[dict, dict]:
     saved, origins = read_mapping(path)
     known = {str(k): v for k, v in saved.items() if is_config_key(str(k))}
     return known, {k: origins[k] for k in known}
+
+
+_LAUNCH_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
+def _launch_ranks(args) -> int | None:
+    """With more than one process asked for, re-run this same command on every rank through
+    torchrun (cpuft.train.distributed) and return its exit status; None to run here."""
+    from cpuft.train import distributed
+
+    if distributed.inside_launcher():
+        return None
+    numa_nodes = len(distributed.numa_cpulists()) if args.nproc_per_node == "auto" else 1
+    nproc = distributed.processes_per_node(args.nproc_per_node, numa_nodes)
+    if nproc == 1 and args.nnodes == 1:
+        return None
+    return distributed.launch(nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, _without_launch_flags(sys.argv[1:]))
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """The command line the ranks run: this one less the flags that asked for the launch."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in _LAUNCH_FLAGS:
+            skip = True
+        elif not token.startswith(tuple(f + "=" for f in _LAUNCH_FLAGS)):
+            kept.append(token)
+    return kept

@@ -134,6 +134,11 @@ class SFTJobConfig:
     save_steps: int = _trl_key("save_steps", "checkpoint every N optimizer steps (resume and preemption use them)")
     save_total_limit: int = _trl_key("save_total_limit", "keep only the newest N checkpoints")
     logging_steps: int = _trl_key("logging_steps", "log loss and tokens/s every N steps")
+    sync_to: str | None = _key(
+        "durable copy of the run (gs://bucket/path, s3://..., a local path): every checkpoint, the"
+        " metrics and the adapter are uploaded in the background; --resume restores from it",
+        None,
+    )
 
     # Pass-through values the job sets (SFTConfig fields, PEFT config fields), by field name.
     trl_args: dict[str, Any] = field(default_factory=dict)

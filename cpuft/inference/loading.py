@@ -196,9 +196,15 @@ def load_for_inference(
         check_adapter_fits(source.adapter_dir, model)
         from peft import PeftModel
 
+        # PeftModel loads every method cpuft trains (LoRA family, IA3, prompt/prefix/p-tuning).
         model = PeftModel.from_pretrained(model, str(source.adapter_dir))
         if merge or int8:
-            if nf4:
+            if model.active_peft_config.is_prompt_learning:
+                notes.append(
+                    f"{model.active_peft_config.peft_type.lower()} adapter kept unmerged: its virtual"
+                    " tokens are not a weight change"
+                )
+            elif nf4:
                 notes.append("adapter kept unmerged: merging into 4-bit weights would round it away")
             else:
                 model = model.merge_and_unload()
@@ -213,10 +219,13 @@ def load_for_inference(
 
 
 def _load_model_weights(name: str, kwargs: dict, what: str):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from cpuft.planning.architecture import auto_model_class
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        # AutoModelForSeq2SeqLM for encoder-decoders (T5, mT5), AutoModelForCausalLM otherwise.
+        return auto_model_class(AutoConfig.from_pretrained(name)).from_pretrained(name, **kwargs)
     except Exception as exc:  # OSError for missing files, ValueError for bad configs, hub errors
         raise UserError(f"cannot load the {what} '{name}': {first_line(exc)}") from None
 

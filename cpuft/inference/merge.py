@@ -7,14 +7,15 @@ W + sum_i weight_i * delta_i (rank = sum of ranks); `svd` truncates that sum bac
 rank; `linear`, `ties`, `dare_*` and `magnitude_prune` are PEFT's approximate task-arithmetic
 methods (same rank required; `density` for the pruning ones).
 
-The output loads with plain `AutoModelForCausalLM.from_pretrained(out)` (no cpuft, no PEFT): the
-weights (safetensors), config.json, generation_config.json, the tokenizer, and
+The output loads with plain `AutoModelForCausalLM.from_pretrained(out)` (AutoModelForSeq2SeqLM
+for T5/mT5; no cpuft, no PEFT): the weights (safetensors), config.json, generation_config.json, the tokenizer, and
 `cpuft_merge.json` recording the adapters, weights and combination it was made from. It is
 written to a temporary directory and renamed into place, so `out` is never half-written.
 
 Limits: all adapters must share one base model (checked by module shapes, and by the recorded
 base unless `base` overrides it). Merging in fp32 is exact up to float rounding; `dtype=bf16`
-rounds the merged weights to bf16.
+rounds the merged weights to bf16. Prompt/prefix tuning and p-tuning adapters are virtual
+tokens, not weight deltas: refused with a UserError that says to use them unmerged.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def resolve_adapters(given: list[str], weights: list[float] | None, base: str | 
     return adapters
 
 
+# PEFT types whose adapters are virtual tokens (PeftType names), not weight deltas.
+PROMPT_LEARNING_METHODS = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+
+
 def merge_adapters(
     adapters: list[WeightedAdapter],
     out_dir: str | Path,
@@ -84,21 +89,24 @@ def merge_adapters(
 ) -> MergeResult:
     """Merge `adapters` into their shared base model and save the result to `out_dir` atomically."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from cpuft.artifacts import atomic_directory, atomic_write_json
+    from cpuft.planning.architecture import auto_model_class
 
     if combination not in COMBINATIONS:
         raise UserError(f"unknown combination {combination!r}; choose one of: {', '.join(COMBINATIONS)}.")
     if combination in NEEDS_DENSITY and density is None:
         raise UserError(f"combination {combination} prunes the adapters: give --density (0 < d <= 1, e.g. 0.5).")
     out_dir = Path(out_dir)
+    for adapter in adapters:
+        _check_mergeable(adapter.source.adapter_dir)
     _check_out_dir(out_dir, adapters)
     base_name = adapters[0].source.model
     tokenizer = load_tokenizer(adapters[0].source)
     log(f"loading base model {base_name}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch_dtype(dtype))
+        model = auto_model_class(AutoConfig.from_pretrained(base_name)).from_pretrained(base_name, dtype=torch_dtype(dtype))
     except Exception as exc:
         raise UserError(f"cannot load the base model '{base_name}': {first_line(exc)}") from None
     names = [f"adapter_{i}" for i in range(len(adapters))]
@@ -136,6 +144,22 @@ def merge_adapters(
             "density": density, "dtype": dtype,
         })
     return MergeResult(out_dir, base_name, record, used_combination, parameters)
+
+
+def _check_mergeable(adapter_dir: Path) -> None:
+    """UserError for adapters with no weights to fold in: prompt learning adds virtual tokens."""
+    import json
+
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        return  # resolve_adapters' and PEFT's own errors name what is missing
+    method = json.loads(config_file.read_text()).get("peft_type", "")
+    if method.upper() in PROMPT_LEARNING_METHODS:
+        raise UserError(
+            f"the adapter in {adapter_dir} is {method.lower()}, which trains virtual tokens put before"
+            " the input, not changes to the weights, so there is nothing to merge. Use the adapter"
+            " unmerged: `cpuft generate --model` / `cpuft chat` / `cpuft eval` load it as it is."
+        )
 
 
 def _check_out_dir(out_dir: Path, adapters: list[WeightedAdapter]) -> None:

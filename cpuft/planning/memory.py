@@ -231,6 +231,13 @@ def _shape_of(model, config, encoder_decoder: bool) -> ModelShape:
             groups[key] = groups.get(key, 0) + 1
             linear_params += module.in_features * module.out_features
     output_head_params = 0 if (output_head is None or tied) else output_head.weight.numel()
+    if tied and (config.model_type == "mt5" or getattr(config, "scale_decoder_outputs", True) is False):
+        # T5 v1.1 / Flan-T5 and every mT5 ship a separate lm_head (tie_word_embeddings: false),
+        # but transformers 5 builds them tied: T5Config turns the flag into
+        # scale_decoder_outputs=False, MT5Config drops it; the checkpoint's head is loaded over
+        # the tie, so count it.
+        output_head_params = output_head.weight.numel()
+        total += output_head_params
     hidden = _first_attr(config, "hidden_size", "d_model", "n_embd")
     heads = _first_attr(config, "num_attention_heads", "num_heads", "n_head")
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads

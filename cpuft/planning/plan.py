@@ -101,6 +101,10 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     torch_compile: bool = False
+    # The model's own facts (cpuft.planning.architecture), set by `with_architecture`; None until then.
+    model_class: str | None = None
+    task_type: str | None = None
+    target_modules: str | None = None
 
     @property
     def effective_batch_size(self) -> int:
@@ -131,6 +135,9 @@ class Plan:
             "torch_compile": "on" if self.torch_compile else "off",
             "peak_flops": peak,
         }
+        for name in ("model_class", "task_type", "target_modules"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
         return [(name, value, self.reasons.get(name, "")) for name, value in values.items()]
 
 
@@ -244,6 +251,18 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
         reasons=reasons,
         warnings=tuple(warnings),
         torch_compile=torch_compile,
+    )
+
+
+def with_architecture(plan: Plan, facts) -> Plan:
+    """`plan` with the model's class, task type, attention and adapter targets and their reasons
+    (`facts`: cpuft.planning.architecture.ArchitectureFacts, which checked a requested attention)."""
+    reasons = dict(plan.reasons)
+    for name, _value, why in facts.rows():
+        reasons[name] = why
+    return dataclasses.replace(
+        plan, attn_implementation=facts.attention.value, model_class=facts.model_class,
+        task_type=facts.task_type, target_modules=facts.target_modules.value, reasons=reasons,
     )
 
 

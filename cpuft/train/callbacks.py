@@ -1,8 +1,13 @@
-"""TrainerCallbacks: progress with tokens/s, metrics.jsonl, and checkpoint-on-signal.
+"""TrainerCallbacks: progress with tokens/s, metrics.jsonl, checkpoint-on-signal, store sync.
 
-A spot VM's preemption notice gives about 30 seconds: on SIGTERM or SIGINT the trainer finishes
-the current optimizer step, saves a checkpoint and stops; the run exits with status 75 and
-`cpuft sft --resume` continues from that checkpoint. A second SIGINT aborts at once.
+A spot VM's preemption notice gives about 30 seconds: on SIGTERM or SIGINT the trainer stops
+after the current micro-batch (not the whole optimizer step: with gradient accumulation a step
+can take a minute), saves a checkpoint of the last completed optimizer step and stops; the
+micro-batches of the unfinished step are discarded and redone on resume. The run exits with
+status 75 and `cpuft sft --resume` continues from that checkpoint. A second SIGINT aborts at once.
+
+SyncToStore hands every saved checkpoint and each metrics.jsonl update to a
+cpuft.storage.BackgroundUploader (`--sync-to`); it never waits for the upload.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from cpuft.artifacts import append_jsonl
+from cpuft.storage.uploader import BackgroundUploader
+from cpuft.train.distributed import any_rank
 
 
 class MetricsCallback(TrainerCallback):
@@ -67,7 +74,8 @@ class MetricsCallback(TrainerCallback):
             self._last_log = (now, tokens)
         record["elapsed_seconds"] = now - self.train_start if self.train_start else 0.0
         self.records.append(record)
-        append_jsonl(self.metrics_path, record)
+        if state.is_world_process_zero:  # one metrics.jsonl for the job, however many ranks
+            append_jsonl(self.metrics_path, record)
         if self.bar is not None:
             postfix = {}
             if "loss" in logs:
@@ -96,7 +104,7 @@ class MetricsCallback(TrainerCallback):
 
 
 class CheckpointOnSignal(TrainerCallback):
-    """Turns SIGTERM/SIGINT into 'save a checkpoint at the end of this step, then stop'."""
+    """Turns SIGTERM/SIGINT into 'stop after this micro-batch, save a checkpoint, then stop'."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -118,7 +126,7 @@ class CheckpointOnSignal(TrainerCallback):
             raise KeyboardInterrupt  # second Ctrl-C: the user means it
         self.received = signum
         print(
-            f"\ncpuft: received {signal.Signals(signum).name}; saving a checkpoint after this step,"
+            f"\ncpuft: received {signal.Signals(signum).name}; saving a checkpoint after this micro-batch,"
             " then stopping (resume with --resume).",
             file=sys.stderr, flush=True,
         )
@@ -128,7 +136,34 @@ class CheckpointOnSignal(TrainerCallback):
         return self.received is not None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
+        # Under DDP every rank must stop at the same micro-batch (or the others hang in the next
+        # all-reduce): one flag all-reduced across the ranks; a no-op in one process.
+        if any_rank(self.interrupted):
+            if self.received is None:
+                self.received = signal.SIGTERM  # another rank's signal
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        # Between micro-batches of one optimizer step: the Trainer's inner loop breaks on
+        # should_training_stop and its end-of-epoch save writes checkpoint-<global_step>, the last
+        # completed step; the gradients accumulated so far are dropped, and resume redoes them.
+        return self.on_step_end(args, state, control, **kwargs)
+
+
+class SyncToStore(TrainerCallback):
+    """Queues each checkpoint (as the Trainer saves it) and metrics.jsonl for upload."""
+
+    def __init__(self, uploader: BackgroundUploader, run_dir: Path):
+        self.uploader = uploader
+        self.run_dir = run_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = self.run_dir / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            self.uploader.upload_checkpoint(checkpoint)
+        self.uploader.upload_file(self.run_dir / "metrics.jsonl")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.uploader.upload_file(self.run_dir / "metrics.jsonl")

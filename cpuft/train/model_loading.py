@@ -45,9 +45,10 @@ def load_tokenizer(model: str, row_format: str):
     return tokenizer
 
 
-def load_model(model: str, plan):
-    """The base model in the plan's weights dtype, attention kernel and quantisation, on its device."""
-    from transformers import AutoModelForCausalLM
+def load_model(model: str, plan, model_config):
+    """The base model in the plan's weights dtype, attention kernel and quantisation, on its device;
+    `model_config` (its PretrainedConfig) picks the Auto class: seq2seq for T5/mT5, causal otherwise."""
+    from cpuft.planning.architecture import auto_model_class
 
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(plan.weights_dtype),
@@ -57,7 +58,7 @@ def load_model(model: str, plan):
         kwargs["quantization_config"] = bitsandbytes_config(plan.quantization, plan.compute_dtype)
         kwargs["device_map"] = {"": 0} if plan.device == "cuda" else {"": "cpu"}
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        loaded = auto_model_class(model_config).from_pretrained(model, **kwargs)
     except Exception as exc:
         raise UserError(f"cannot load model weights of '{model}': {exc}") from None
     if plan.device == "cuda" and plan.quantization == "none":

@@ -33,10 +33,11 @@ from cpuft.errors import UserError
 PEFT_METHODS = values(PeftMethod)
 
 
-def build_peft_config(config, total_steps: int | None = None):
+def build_peft_config(config, total_steps: int | None = None, task_type: str = "CAUSAL_LM"):
     """PEFT config object for `config.peft_method` (a cpuft.config.job.SFTJobConfig).
 
-    `total_steps` is required for AdaLoRA, whose rank schedule is laid out over the whole run.
+    `total_steps` is required for AdaLoRA, whose rank schedule is laid out over the whole run;
+    `task_type` is the model's (cpuft.planning.architecture.task_type: SEQ_2_SEQ_LM for T5/mT5).
     """
     method = config.peft_method
     if method not in PEFT_METHODS:
@@ -44,6 +45,7 @@ def build_peft_config(config, total_steps: int | None = None):
     if method == "adalora" and (not total_steps or total_steps < 1):
         raise UserError("peft_method adalora needs the run's total steps: set max_steps (or epochs with a dataset).")
     kwargs, source = peft_config_kwargs(config, total_steps or 0)
+    kwargs["task_type"] = task_type
     return build_library_config(peft_config_class(method), kwargs, source, config.origins)
 
 

@@ -1,7 +1,7 @@
 """Preflight: what a run will use and cost, printed and checked before any weights are loaded.
 
 Owns: reading the model's config, planning the run for this machine fitted to its memory
-(cpuft.planning.fit),
+(cpuft.planning.fit) with the model's own attention and adapter targets (cpuft.planning.architecture),
 printing the plan table, the memory estimate (a UserError, with the options that would fit, when
 the run cannot fit) and the time estimate (cpuft.planning.cloud.time_for_run, which times a
 matmul when no peak is declared: no benchmark runs here).
@@ -12,12 +12,13 @@ memory check nor a time estimate (`model_shape` is None); the run still goes ahe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cpuft.errors import UserError
 from cpuft.modeling import read_model_config
-from cpuft.planning.plan import Plan
+from cpuft.planning.architecture import architecture_facts
+from cpuft.planning.plan import Plan, with_architecture
 from cpuft.planning.report import format_env_table
 
 
@@ -39,6 +40,8 @@ def plan_and_check_memory(config, machine, log=print) -> Preflight:
     model_config = read_model_config(config.model)
     shape = _model_shape_or_none(model_config)
     fitted = plan_job(machine, config, shape)
+    plan = with_architecture(fitted.plan, architecture_facts(model_config, config.attn_implementation, config.lora_target_modules))
+    fitted = replace(fitted, plan=plan)
     # The plan first, then what it costs in memory and time: read top to bottom before loading.
     log(format_env_table(machine, fitted.plan) + "\n")
     if fitted.memory is not None:

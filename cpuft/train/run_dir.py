@@ -49,11 +49,15 @@ def checkpoint_to_resume(run_dir: Path) -> str:
     return checkpoint
 
 
-def write_run_header(run_dir: Path, config, machine, plan) -> None:
-    """config.yaml (the resolved job config) and plan.json (machine facts and the plan)."""
+def write_run_header(run_dir: Path, config, machine, plan, world: dict | None = None) -> None:
+    """config.yaml (the resolved job config) and plan.json (machine facts, the plan, and under
+    DDP the world: ranks, per-rank and global batch, threads per rank)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config_file(config, run_dir / "config.yaml")
-    atomic_write_json(run_dir / "plan.json", {"machine": machine.to_dict(), "plan": plan.to_dict()})
+    header = {"machine": machine.to_dict(), "plan": plan.to_dict()}
+    if world is not None:
+        header["world"] = world
+    atomic_write_json(run_dir / "plan.json", header)
 
 
 def read_metrics(path: Path) -> list[dict]:

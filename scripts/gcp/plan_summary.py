@@ -56,11 +56,24 @@ def summary(plan: dict[str, Any]) -> str:
     if not out["vms"]:
         lines.append("  (no VM: cpu_vm and gpu_vm are both false)")
     hours = out["max_run_hours"]
-    lines.append(
-        f"Expected cost: ~ {money(out.get('hourly_usd'))} per hour for the VMs. Each VM deletes itself, boot disk "
-        f"included, after {hours:g} h of running, so one provisioning costs at most ~ {money(out.get('max_cost_usd'))} "
-        "(plus disk, NAT and egress: cents per hour)."
-    )
+    if out.get("recreate_on_preemption"):
+        lines.append(
+            f"Expected cost: ~ {money(out.get('hourly_usd'))} per hour for the VMs. Each VM deletes itself, boot disk "
+            f"included, after {hours:g} h of running and its instance group recreates it (after a preemption too); the "
+            f"VM deletes the group when the queue drains or the group is {out['max_total_hours']:g} h old, so one "
+            f"provisioning costs at most ~ {money(out.get('max_cost_usd'))} (plus disk, NAT and egress: cents per hour)."
+        )
+    else:
+        lines.append(
+            f"Expected cost: ~ {money(out.get('hourly_usd'))} per hour for the VMs. Each VM deletes itself, boot disk "
+            f"included, after {hours:g} h of running, so one provisioning costs at most ~ {money(out.get('max_cost_usd'))} "
+            "(plus disk, NAT and egress: cents per hour)."
+        )
+    if len(out.get("nodes") or []) > 1:
+        lines.append(
+            f"{len(out['nodes'])} nodes train one job together (compact placement, rendezvous at "
+            f"{out.get('rdzv_endpoint', '?')}); scripts/gcp/run starts it on each."
+        )
     if out.get("results_bucket"):
         lines.append(f"Results bucket: {out['results_bucket']} (standard storage, objects expire by lifecycle rule).")
     counts = resource_counts(plan)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Delete cpuft VMs older than N hours, and unattached cpuft disks, in one GCP project.
+"""Delete cpuft VMs and instance groups older than N hours, and unattached cpuft disks, in one project.
 
 The last line of defence against a forgotten VM. A VM that infra/ created deletes itself after
 max_run_hours, but not if someone stopped it (stopping resets that clock, and the stopped VM's disk
@@ -7,12 +7,19 @@ keeps billing), changed its scheduling, or created it by hand with the cpuft lab
 finds everything labelled managed-by=cpuft, in every zone, running or stopped, and deletes what is
 older than --older-than-hours. Nothing without that label is touched.
 
+With recreate_on_preemption a VM belongs to a managed instance group that would recreate it if it
+alone were deleted, so the reaper deletes the group (found by its instance template's labels, or by
+the created-by metadata of an expired cpuft VM), which takes the VM and its disk with it. A group
+that waits for Spot capacity with no VM at all is found and deleted too. Set --older-than-hours
+above the stack's max_total_hours, or the reaper ends a queue that is still within its allowance.
+
 Run it from cron, a CI schedule or Cloud Scheduler, e.g. hourly:
 
     0 * * * *  cd /path/to/cpuft && python3 scripts/gcp/reaper.py --project my-proj --older-than-hours 12
 
 Needs: pip install -r scripts/gcp/requirements.txt, and credentials that may list and delete
-instances and disks (roles/compute.instanceAdmin.v1), e.g. `gcloud auth application-default login`.
+instances, disks and instance groups and read instance templates (roles/compute.instanceAdmin.v1),
+e.g. `gcloud auth application-default login`.
 
 Exit codes: 0 nothing left to reap, 1 a deletion failed (the others were still attempted),
 2 bad input or no credentials.

@@ -1,7 +1,8 @@
 """checkov's GCP policies on infra/: no failure at all, and every skip carries a written reason.
 
-Scanned twice (checkov is the slow part of this suite): with the default variables, and with
-examples/all-features.tfvars, because checkov does not scan resources whose count is 0.
+Scanned once per example var file (checkov is the slow part of this suite): the default variables,
+examples/all-features.tfvars, recreate.tfvars (instance groups) and multi-node.tfvars (node_count = 2),
+because checkov does not scan resources whose count is 0.
 """
 
 from __future__ import annotations
@@ -61,9 +62,16 @@ def test_the_scan_saw_the_vms_and_the_optional_resources(scan):
     name, report = scan
     checked = report["results"]["passed_checks"] + report["results"]["skipped_checks"]
     resource_types = {c["resource"].split(".")[0] for c in checked}
-    assert {"google_compute_instance", "google_compute_firewall", "google_compute_subnetwork"} <= resource_types
+    assert {"google_compute_firewall", "google_compute_subnetwork"} <= resource_types
     assert report["summary"]["passed"] >= 20
     if name == "all-features":
         vms = {c["resource"] for c in checked if c["resource"].startswith("google_compute_instance.")}
         assert len(vms) == 2, f"both VMs scanned, got {vms}"
         assert "google_storage_bucket" in resource_types
+    if name == "recreate":
+        assert {"google_compute_instance_template", "google_project_iam_member"} <= resource_types
+    if name == "multi-node":
+        rules = {c["resource"] for c in checked if c["resource"].startswith("google_compute_firewall.")}
+        assert "google_compute_firewall.nodes" in {r.split("[")[0] for r in rules}, f"node firewall scanned, got {rules}"
+    if name != "recreate":
+        assert "google_compute_instance" in resource_types

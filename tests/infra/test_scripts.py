@@ -67,7 +67,17 @@ def test_shellcheck_is_clean():
 def fake_terraform(tmp_path, configs):
     """A `terraform` that logs its arguments, plans the default stack (outputs as tfparse evaluates
     them) and answers `output -raw NAME` from the same values."""
-    evaluated = outputs(configs["default"])
+    return terraform_for(tmp_path, configs["default"])
+
+
+@pytest.fixture
+def fake_terraform_for(tmp_path, configs):
+    """The same for the stack of another example var file: fake_terraform_for("multi-node")."""
+    return lambda name: terraform_for(tmp_path, configs[name])
+
+
+def terraform_for(tmp_path, config):
+    evaluated = outputs(config)
     plan = {
         "format_version": "1.2",
         "planned_values": {"outputs": {k: {"sensitive": False, "value": v} for k, v in evaluated.items()}},
@@ -283,3 +293,97 @@ def test_fetch_brings_the_newest_run_home(fake_vm, tmp_path):
 
     missing = sh("fetch", *target, "--name", "nope", "--dest", str(dest), env=env)
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+
+
+def test_provision_of_a_recreating_stack_states_the_groups_allowance(fake_terraform_for):
+    _tmp_path, env = fake_terraform_for("recreate")
+    proc = sh("provision", "--var-file", str(INFRA / "examples/recreate.tfvars"), "--yes", "--no-verify", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "its instance group recreates it (after a preemption too)" in proc.stdout
+    assert "the group is 24 h old, so one provisioning costs at most ~ $4.80" in proc.stdout
+
+
+def test_provision_of_two_nodes_names_the_rendezvous(fake_terraform_for):
+    _tmp_path, env = fake_terraform_for("multi-node")
+    proc = sh("provision", "--var-file", str(INFRA / "examples/multi-node.tfvars"), "--yes", "--no-verify", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 nodes train one job together (compact placement, rendezvous at 10.42.0.10:29500)" in proc.stdout
+    assert "at most ~ $6.56" in proc.stdout, "two Spot c3-standard-44 for 8 h"
+
+
+# --- run on several nodes, with "SSH" to one stand-in VM per node -----------------------------
+
+
+@pytest.fixture
+def fake_nodes(tmp_path, fake_vm):
+    """Two stand-in VMs, cpuft-duo-cpu-0 and -1, each with its own home and state directory and
+    the node.env its startup script would have written from instance metadata. The "SSH" picks
+    the VM by the name scripts/gcp/run connects to (CPUFT_REMOTE_VM)."""
+    _home, env, _target = fake_vm
+    names = ["cpuft-duo-cpu-0", "cpuft-duo-cpu-1"]
+    for rank, name in enumerate(names):
+        (tmp_path / name / "home").mkdir(parents=True)
+        state = tmp_path / name / "state"
+        state.mkdir()
+        (state / "ready").touch()
+        (state / "node.env").write_text(
+            f"CPUFT_NNODES=2\nCPUFT_NODE_RANK={rank}\nCPUFT_RDZV_ENDPOINT=10.42.0.10:29500\n"
+        )
+    ssh = executable(
+        tmp_path / "node-ssh",
+        f"""
+        #!/bin/bash
+        vm="${{CPUFT_REMOTE_VM:?}}"
+        export HOME={tmp_path}/$vm/home CPUFT_VM_STATE_DIR={tmp_path}/$vm/state
+        [ -f {tmp_path}/$vm/exit ] && export FAKE_CPUFT_EXIT="$(cat {tmp_path}/$vm/exit)"
+        cd "$HOME" && exec bash -c "$1"
+        """,
+    )
+    env = {**env, "CPUFT_SSH": str(ssh)}
+    target = ["--vm", names[0], "--zone", "us-central1-a", "--project", "my-project-id"]
+    return names, env, target
+
+
+def test_run_starts_the_job_on_every_node_and_streams_node_0(fake_nodes, tmp_path):
+    names, env, target = fake_nodes
+    (tmp_path / names[1] / "exit").write_text("1")  # node 1 fails; node 0 decides the exit code
+    proc = sh(
+        "run", *target, "--nodes", ",".join(names), "--name", "duo", "--sync-to", "gs://b/runs/duo",
+        "--", "--config", "sft.yaml", env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    common = "cpuft sft --device auto --output-dir output --sync-to gs://b/runs/duo --config sft.yaml --nnodes 2"
+    assert f"{common} --node-rank 0 --rdzv-endpoint 10.42.0.10:29500" in proc.stdout, "node 0's log is streamed"
+    assert "--node-rank 1" not in proc.stdout, "node 1's log stays on node 1"
+    log1 = (tmp_path / names[1] / "home/cpuft-runs/duo/job.log").read_text()
+    assert f"{common} --node-rank 1 --rdzv-endpoint 10.42.0.10:29500" in log1
+    assert "started run 'duo' on cpuft-duo-cpu-1" in proc.stderr
+    assert "node cpuft-duo-cpu-1: exit code 1 (node 0: 0)" in proc.stderr
+
+
+def test_a_node_without_node_metadata_refuses_to_start(fake_nodes, tmp_path):
+    names, env, target = fake_nodes
+    (tmp_path / names[0] / "state/node.env").unlink()
+    proc = sh("run", *target, "--nodes", ",".join(names), "--name", "bad", "--", "--config", "x.yaml", env=env)
+    assert proc.returncode == 2
+    assert "this VM is not one of 2 nodes" in proc.stdout
+
+
+def test_run_takes_the_nodes_and_the_bucket_from_the_terraform_state(fake_nodes, fake_terraform_for, tmp_path):
+    names, env, _target = fake_nodes
+    _tf, tf_env = fake_terraform_for("multi-node")
+    tf_env["PATH"] = f"{tf_env['PATH'].split(':')[0]}:{env['PATH']}"  # fake terraform and fake cpuft
+    proc = sh("run", "--name", "st", "--", "--config", "x.yaml", env={**env, **tf_env})
+    assert proc.returncode == 0, proc.stderr
+    for rank, name in enumerate(names):
+        log = (tmp_path / name / "home/cpuft-runs/st/job.log").read_text()
+        assert f"--sync-to gs://my-project-id-cpuft-duo-results/runs/st --config x.yaml --nnodes 2 --node-rank {rank}" in log
+    no_sync = sh("run", "--name", "ns", "--no-sync", "--", "--config", "x.yaml", env={**env, **tf_env})
+    assert no_sync.returncode == 0 and "--sync-to" not in no_sync.stdout
+
+
+def test_a_single_vm_gets_no_node_arguments(fake_vm):
+    home, env, target = fake_vm
+    proc = sh("run", *target, "--name", "one", "--", "--config", "x.yaml", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "cpuft sft --device auto --output-dir output --config x.yaml\n" in proc.stdout

@@ -1,5 +1,5 @@
 output "vms" {
-  description = "One entry per VM to create (keys \"cpu\" and/or \"gpu\") with every setting the root module needs."
+  description = "One entry per VM to create (keys \"cpu\", or \"cpu-0\" ... for a multi-node job, and \"gpu\") with every setting the root module needs."
   value       = local.vms
 }
 
@@ -14,8 +14,23 @@ output "hourly_usd" {
 }
 
 output "max_cost_usd" {
-  description = "Worst case for one run: every VM running until max_run_duration deletes it."
-  value       = length(local.unpriced) > 0 ? null : sum(concat([0], [for vm in local.vms : vm.hourly_usd])) * var.max_run_hours
+  description = "Worst case for one provisioning: every VM running until max_run_duration deletes it, or with recreate_on_preemption until the group's max_total_hours are up."
+  value       = length(local.unpriced) > 0 ? null : sum(concat([0], [for vm in local.vms : vm.hourly_usd])) * local.worst_case_hours
+}
+
+output "worst_case_hours" {
+  description = "Hours the max_cost_usd figure assumes: max_run_hours, or max_total_hours with recreate_on_preemption."
+  value       = local.worst_case_hours
+}
+
+output "nodes" {
+  description = "The CPU nodes of one job in rank order (names), their count, the network tag the node firewall matches, node 0's rendezvous endpoint (\"\" for one node) and the TCP ports the nodes open to each other."
+  value       = local.nodes
+}
+
+output "queue_sync_url" {
+  description = "Where the batch queue keeps its state (cpuft batch run --sync-to), or \"\" without a bucket or queue."
+  value       = local.queue_sync_url
 }
 
 output "unpriced_machine_types" {

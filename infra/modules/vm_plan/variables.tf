@@ -163,3 +163,61 @@ variable "ssh_source_ranges" {
     error_message = "ssh_source_ranges must not open SSH to the internet: 0.0.0.0/0, ::/0 and anything wider than an IPv4 /16 or IPv6 /32 are refused. Leave it empty to go through IAP."
   }
 }
+
+variable "node_count" {
+  description = "CPU VMs that train one job together (torch.distributed over gloo). 1: a single VM named <name>-cpu. More: <name>-cpu-0 ... in one compact placement policy, ranked by instance metadata."
+  type        = number
+  default     = 1
+  validation {
+    condition     = var.node_count >= 1 && var.node_count <= 16 && floor(var.node_count) == var.node_count
+    error_message = "node_count must be a whole number from 1 to 16."
+  }
+  validation {
+    condition     = var.node_count == 1 || var.cpu_vm
+    error_message = "node_count > 1 needs cpu_vm = true: the nodes are CPU VMs."
+  }
+  validation {
+    condition     = var.node_count == 1 || var.batch_mode == "off"
+    error_message = "node_count > 1 needs batch_mode = \"off\" (so no recreate_on_preemption either): every node would run the whole queue on its own, and a multi-node job restarts as a whole. Start multi-node jobs with scripts/gcp/run."
+  }
+}
+
+variable "subnet_cidr" {
+  description = "The stack's subnet; with node_count > 1 the nodes get fixed addresses from it (host 10, 11, ...), so rank 0's address is known before it exists."
+  type        = string
+  default     = "10.42.0.0/24"
+  validation {
+    condition     = can(cidrhost(var.subnet_cidr, 10 + 16))
+    error_message = "subnet_cidr must be an IPv4 CIDR with room for host numbers 10-26, e.g. \"10.42.0.0/24\"."
+  }
+}
+
+variable "rdzv_port" {
+  description = "TCP port of torch.distributed's rendezvous on node 0 (torchrun's default is 29500)."
+  type        = number
+  default     = 29500
+  validation {
+    condition     = var.rdzv_port >= 1024 && var.rdzv_port < 32768 && floor(var.rdzv_port) == var.rdzv_port
+    error_message = "rdzv_port must be a whole number from 1024 to 32767 (below the ephemeral range that gloo's own connections use)."
+  }
+}
+
+variable "recreate_on_preemption" {
+  description = "Run each VM as a managed instance group of size 1: a preempted (or expired) VM is recreated from the template and resumes the queue from the bucket; when the queue drains the VM deletes its group."
+  type        = bool
+  default     = false
+  validation {
+    condition     = !var.recreate_on_preemption || (var.batch_mode == "run" && var.results_bucket != "")
+    error_message = "recreate_on_preemption needs batch_mode = \"run\" and a results bucket: a recreated VM knows what to do only from the queue file, and what is done only from the bucket."
+  }
+}
+
+variable "max_total_hours" {
+  description = "With recreate_on_preemption: hours after the group's creation at which the VM running then stops the queue (checkpoint first) and deletes the group, however many times it was recreated."
+  type        = number
+  default     = 24
+  validation {
+    condition     = var.max_total_hours >= 1 && var.max_total_hours <= 720 && floor(var.max_total_hours) == var.max_total_hours
+    error_message = "max_total_hours must be a whole number from 1 to 720 (30 days)."
+  }
+}

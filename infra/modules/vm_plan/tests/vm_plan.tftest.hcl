@@ -237,3 +237,194 @@ run "ssh_from_a_non_cidr_is_refused" {
 
   expect_failures = [var.ssh_source_ranges]
 }
+
+run "two_nodes_have_ranks_fixed_addresses_and_one_rendezvous" {
+  command = apply
+
+  variables {
+    node_count   = 2
+    machine_type = "c3-standard-44"
+  }
+
+  assert {
+    condition     = keys(output.vms) == ["cpu-0", "cpu-1"]
+    error_message = "node_count = 2 plans two CPU VMs, cpu-0 and cpu-1."
+  }
+  assert {
+    condition     = output.vms["cpu-0"].name == "cpuft-cpu-0" && output.vms["cpu-1"].name == "cpuft-cpu-1"
+    error_message = "Nodes are named by rank."
+  }
+  assert {
+    condition     = output.vms["cpu-0"].node_rank == 0 && output.vms["cpu-1"].node_rank == 1
+    error_message = "Each node knows its rank."
+  }
+  assert {
+    condition     = output.vms["cpu-0"].network_ip == "10.42.0.10" && output.vms["cpu-1"].network_ip == "10.42.0.11"
+    error_message = "Nodes take hosts 10, 11, ... of the subnet."
+  }
+  assert {
+    condition = alltrue([for vm in output.vms : vm.node_metadata == {
+      "cpuft-node-rank"     = tostring(vm.node_rank)
+      "cpuft-node-count"    = "2"
+      "cpuft-rdzv-endpoint" = "10.42.0.10:29500"
+    }])
+    error_message = "Every node's metadata names its rank, the world size and node 0's rendezvous."
+  }
+  assert {
+    condition     = output.nodes.names == ["cpuft-cpu-0", "cpuft-cpu-1"] && output.nodes.rdzv_endpoint == "10.42.0.10:29500"
+    error_message = "The nodes output lists the nodes in rank order and the rendezvous endpoint."
+  }
+  assert {
+    condition     = output.nodes.ports == ["29500", "32768-60999"] && output.nodes.network_tag == "cpuft-nodes"
+    error_message = "The nodes open the rendezvous port and Linux's ephemeral range to each other, matched by their tag."
+  }
+  assert {
+    condition     = strcontains(output.vms["cpu-1"].startup_script, "net.ipv4.ip_local_port_range=\"32768 60999\"")
+    error_message = "The startup script pins the ephemeral range the firewall opens."
+  }
+  assert {
+    condition     = strcontains(output.vms["cpu-0"].startup_script, "attributes/cpuft-node-rank") && output.vms["cpu-0"].startup_script == output.vms["cpu-1"].startup_script
+    error_message = "One startup script for every node: the rank comes from metadata."
+  }
+  assert {
+    condition     = output.hourly_usd == 0.82 && output.max_cost_usd == 0.82 * 8
+    error_message = "Two Spot c3-standard-44 nodes cost twice one."
+  }
+}
+
+run "one_vm_is_no_node" {
+  command = apply
+
+  assert {
+    condition     = output.vms.cpu.node_rank == null && output.vms.cpu.network_ip == null && output.vms.cpu.node_metadata["cpuft-node-rank"] == ""
+    error_message = "A single VM has no rank, no fixed address and empty node metadata."
+  }
+  assert {
+    condition     = output.nodes.rdzv_endpoint == "" && output.nodes.names == ["cpuft-cpu"]
+    error_message = "A single VM is its own node list, with no rendezvous."
+  }
+  assert {
+    condition     = !strcontains(output.vms.cpu.startup_script, "cpuft-node-rank") && !strcontains(output.vms.cpu.startup_script, "instance-groups")
+    error_message = "Nothing about nodes or groups in a single VM's startup script."
+  }
+}
+
+run "nodes_with_a_batch_queue_are_refused" {
+  command = plan
+
+  variables {
+    node_count       = 2
+    batch_mode       = "run"
+    batch_queue_yaml = "jobs: []\n"
+  }
+
+  expect_failures = [var.node_count]
+}
+
+run "node_count_is_bounded" {
+  command = plan
+
+  variables {
+    node_count = 17
+  }
+
+  expect_failures = [var.node_count]
+}
+
+run "recreated_vm_resumes_the_queue_from_the_bucket_and_deletes_its_group" {
+  command = apply
+
+  variables {
+    recreate_on_preemption = true
+    batch_mode             = "run"
+    batch_queue_yaml       = "jobs: []\n"
+    results_bucket         = "proj-cpuft-results"
+    max_total_hours        = 30
+  }
+
+  assert {
+    condition     = output.vms.cpu.group_name == "cpuft-cpu"
+    error_message = "The CPU VM's group is named like the VM."
+  }
+  assert {
+    condition     = output.queue_sync_url == "gs://proj-cpuft-results/queues/cpuft"
+    error_message = "The queue keeps its state under queues/<stack> in the bucket."
+  }
+  assert {
+    condition     = strcontains(output.vms.cpu.startup_script, "cpuft batch run /etc/cpuft/queue.yaml --state-dir /var/lib/cpuft/batch \\\n  --sync-to 'gs://proj-cpuft-results/queues/cpuft'")
+    error_message = "A recreated VM runs the same queue against the same state in the bucket."
+  }
+  assert {
+    condition     = strcontains(output.vms.cpu.startup_script, "gcloud compute instance-groups managed delete \"$CPUFT_GROUP\"") && strcontains(output.vms.cpu.startup_script, "CPUFT_GROUP=cpuft-cpu")
+    error_message = "The VM deletes its own group when the queue is done."
+  }
+  assert {
+    condition     = strcontains(output.vms.cpu.startup_script, "+ 30 * 3600 ))")
+    error_message = "The deadline is the group's creation time plus max_total_hours."
+  }
+  assert {
+    condition     = !strcontains(output.vms.cpu.startup_script, "--shutdown-when-done")
+    error_message = "Powering off would only make the group repair the VM; the group is deleted instead."
+  }
+  assert {
+    condition     = output.vms.cpu.shutdown_script == "" && output.vms.cpu.instance_termination_action == "DELETE" && output.vms.cpu.max_run_duration_seconds == 8 * 3600
+    error_message = "Each VM still deletes itself after max_run_hours; no shutdown copy races cpuft's own sync."
+  }
+  assert {
+    condition     = output.worst_case_hours == 30 && output.max_cost_usd == 0.2 * 30
+    error_message = "With recreation the worst case is the group's whole allowance."
+  }
+}
+
+run "recreate_without_a_bucket_is_refused" {
+  command = plan
+
+  variables {
+    recreate_on_preemption = true
+    batch_mode             = "run"
+    batch_queue_yaml       = "jobs: []\n"
+  }
+
+  expect_failures = [var.recreate_on_preemption]
+}
+
+run "recreate_without_a_queue_is_refused" {
+  command = plan
+
+  variables {
+    recreate_on_preemption = true
+    results_bucket         = "proj-cpuft-results"
+  }
+
+  expect_failures = [var.recreate_on_preemption]
+}
+
+run "recreate_with_nodes_is_refused" {
+  command = plan
+
+  variables {
+    recreate_on_preemption = true
+    batch_mode             = "run"
+    batch_queue_yaml       = "jobs: []\n"
+    results_bucket         = "proj-cpuft-results"
+    node_count             = 2
+  }
+
+  # Recreation needs a queue, nodes refuse one: a multi-node job restarts as a whole.
+  expect_failures = [var.node_count]
+}
+
+run "a_queue_with_a_bucket_syncs_without_recreation_too" {
+  command = apply
+
+  variables {
+    batch_mode       = "run"
+    batch_queue_yaml = "jobs: []\n"
+    results_bucket   = "proj-cpuft-results"
+  }
+
+  assert {
+    condition     = strcontains(output.vms.cpu.startup_script, "--sync-to 'gs://proj-cpuft-results/queues/cpuft' \\\n    --shutdown-when-done")
+    error_message = "A plain VM's queue keeps its state in the bucket too, then powers off."
+  }
+}

@@ -1,0 +1,174 @@
+"""`cpuft serve`: load a fine-tune once and answer OpenAI-style HTTP requests (FastAPI + uvicorn).
+
+Parses and checks the flags, loads the model the way `cpuft generate` does (probe, plan, resolve,
+load; the adapter is always merged), then hands off to cpuft.serve. Binds 127.0.0.1 unless told
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import os
+import socket
+import sys
+from pathlib import Path
+
+from cpuft.errors import UserError
+
+API_KEY_ENV = "CPUFT_API_KEY"
+
+EPILOG = f"""\
+MODEL takes: a cpuft run directory (uses its adapter/, merged into the base at load), an adapter
+directory (adapter/ or checkpoint-N/), a merged model directory (`cpuft merge`), or any causal
+LM directory / Hub id. --dtype auto picks fp32 on AVX2-only CPUs, bf16 on AMX / AVX-512-BF16
+CPUs; --int8 quantises the linear layers (docs/int8.md).
+
+API (OpenAI's wire format; docs/serve.md lists the fields):
+  POST /v1/chat/completions   messages -> reply; "stream": true for server-sent events
+  POST /v1/completions        prompt (plain text, no chat template) -> continuation
+  GET  /v1/models             the one model served, under --served-model-name
+  GET  /health                status, queue and counters (no API key needed)
+
+Limits: prompt + max_tokens must fit the context (--max-model-len), else 400; when
+--max-queue requests already wait for the model, new ones get 429 (Retry-After: 1). Greedy
+requests (temperature 0) waiting together run as one batch of up to --max-batch-size.
+
+On a GCP VM: the server listens on 127.0.0.1 only, so reach it through an SSH tunnel from your
+own machine (IAP: the VM needs no external IP and no open port):
+  gcloud compute ssh VM --zone ZONE --tunnel-through-iap -- -L 8000:127.0.0.1:8000
+leave that open, then on your machine:
+  curl http://127.0.0.1:8000/v1/models -H "Authorization: Bearer KEY"
+  curl http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer KEY" \\
+       -H "Content-Type: application/json" \\
+       -d '{{"model": "runs/sft-1", "messages": [{{"role": "user", "content": "Hi"}}]}}'
+  or, in Python: openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+(Without --api-key any key, or no header, will do.) --host 0.0.0.0 exposes the
+server to the network: only with --api-key, and behind a firewall you control.
+
+examples:
+  cpuft serve runs/sft-1
+  {API_KEY_ENV}=$(openssl rand -hex 16) cpuft serve runs/sft-1 --port 8001
+  cpuft serve models/merged --int8 --max-batch-size 4 --max-queue 8
+"""
+
+
+def register(subparsers) -> None:
+    from cpuft.inference.int8 import INT8_METHODS
+
+    parser = subparsers.add_parser(
+        "serve", help="serve a fine-tune over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Load the model once and answer /v1/chat/completions and /v1/completions"
+        " (streamed or not), /v1/models and /health until interrupted (Ctrl-C).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="run dir, adapter dir, merged model dir or Hub id")
+    model = parser.add_argument_group("model")
+    model.add_argument("--base", default=None, help="base model for an adapter (default: recorded in the adapter)")
+    model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default %(default)s)")
+    model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights/compute dtype (default %(default)s)")
+    model.add_argument("--int8", action="store_true", help="int8 linear layers on CPU, with the method measured best for this CPU")
+    model.add_argument("--int8-method", default=None, choices=list(INT8_METHODS), metavar="METHOD",
+                       help=f"use this int8 method instead (implies --int8): {', '.join(INT8_METHODS)}")
+    model.add_argument("--nf4", action="store_true", help="4-bit NF4 base weights (bitsandbytes), adapter on top")
+    model.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: physical cores)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    server.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 picks a free one and prints it)")
+    server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else no key)")
+    server.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
+    server.add_argument("--max-batch-size", type=int, default=8, help="greedy requests generated together at most (default %(default)s)")
+    server.add_argument("--max-queue", type=int, default=16, help="requests that may wait for the model; more get 429 (default %(default)s)")
+    server.add_argument("--max-model-len", type=int, default=None, help="context length: prompt + max_tokens (default: the model's)")
+    server.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request names none (default %(default)s)")
+    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's log level; info logs every request (default %(default)s)")
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args) -> int:
+    _check_arguments(args)
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"cpuft serve needs {' and '.join(missing)}: pip install 'cpuft[serve]'.")
+    listener = _listen(args.host, args.port)  # before loading: a taken port fails in a second, not after a minute
+
+    import uvicorn
+
+    from cpuft.cli.infer import load_model_from_args
+    from cpuft.serve.app import ServeConfig, create_app
+    from cpuft.serve.engine import Engine
+
+    args.merge = True  # merged weights are faster per token; nf4 keeps the adapter apart (loader note)
+    loaded = load_model_from_args(args)
+    config = ServeConfig(
+        model_name=args.served_model_name or args.model, context_length=_context_length(loaded.model, args.max_model_len),
+        default_max_tokens=args.default_max_tokens, api_key=args.api_key or None,
+    )
+    engine = Engine(loaded, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    app = create_app(engine, config)
+    host, port = listener.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"serving '{config.model_name}' on http://{url_host}:{port}/v1 (context {config.context_length} tokens,"
+          f" batch <= {engine.max_batch_size}, queue <= {engine.max_queue}, API key {'required' if config.api_key else 'off'})",
+          file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    server.run(sockets=[listener])
+    return 0
+
+
+def _check_arguments(args) -> None:
+    for flag, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 1),
+                               ("--default-max-tokens", args.default_max_tokens, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}.")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UserError(f"--max-model-len must be at least 2, got {args.max_model_len}.")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}.")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UserError(f"--api-key (or ${API_KEY_ENV}) is empty; pass a key or leave it unset.")
+    local = Path(args.model).expanduser()
+    if args.model.startswith((".", "/", "~")) and not local.exists():
+        raise UserError(f"model {args.model} does not exist.")
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"cpuft serve: warning: --host {args.host} without --api-key lets anyone who can reach this"
+              " machine use the model.", file=sys.stderr)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}. Pass another --port (0 picks a free one).") from None
+    listener.listen(128)
+    listener.set_inheritable(True)
+    return listener
+
+
+def _context_length(model, max_model_len: int | None) -> int:
+    config = model.config
+    native = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                   if isinstance(getattr(config, name, None), int)), None)
+    if max_model_len is None:
+        if native is None:
+            raise UserError("the model's config names no context length; pass --max-model-len.")
+        return native
+    if native is not None and max_model_len > native:
+        raise UserError(f"--max-model-len {max_model_len} is beyond the model's context ({native} positions).")
+    return max_model_len

@@ -1,0 +1,287 @@
+"""The FastAPI app: OpenAI-compatible routes in front of one `Engine`.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both streamed over SSE with
+`"stream": true`, ending in `data: [DONE]`), GET /v1/models, GET /v1/models/{id}, GET /health
+(no key needed; 503 once the model worker has stopped).
+
+Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
+400 malformed JSON, a wrong type, a missing or unknown field, a value out of range, a prompt
+that with max_tokens does not fit the context (code context_length_exceeded); 401 a missing or
+wrong `Authorization: Bearer KEY` when the server has an API key; 404 an unknown model or route;
+429 the queue is full (Retry-After: 1); 503 the worker has stopped; 500 a failed generation.
+
+Prompts are tokenized here, on the event loop (the tokenizer is fast and only read, never
+reconfigured, so sharing it with the worker thread is safe); the model runs only in the worker.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cpuft.errors import UserError, first_line
+from cpuft.inference.generate import prompt_ids
+from cpuft.serve import protocol
+from cpuft.serve.engine import (
+    Completion,
+    Delta,
+    Engine,
+    EngineStopped,
+    Failed,
+    Finished,
+    QueueFull,
+)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str  # the id clients pass as "model" and /v1/models lists
+    context_length: int  # prompt + max_tokens may not exceed this
+    default_max_tokens: int = 256  # when a request names none (capped by what is left of the context)
+    api_key: str | None = None
+
+
+class APIError(Exception):
+    """An error a client caused or should know about, answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(protocol.error_body(self.message, self.type, self.param, self.code), self.status, headers=self.headers)
+
+
+def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="cpuft serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    async def require_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the"
+                           " key the server was started with (--api-key).", "authentication_error", code="invalid_api_key")
+
+    # ------------------------------------------------------------------ errors
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError):
+        message, param = describe_validation_errors(exc.errors())
+        return JSONResponse(protocol.error_body(message, param=param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; cpuft serve has /v1/chat/completions, /v1/completions, /v1/models and /health"
+        else:
+            message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(protocol.error_body(message, code=str(exc.status_code)), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return JSONResponse(protocol.error_body(f"internal error: {first_line(exc)}", "server_error"), 500)
+
+    # ------------------------------------------------------------------ routes
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if engine.alive else "stopped", "model": config.model_name,
+                "precision": engine.loaded.precision, "max_batch_size": engine.max_batch_size,
+                "max_queue": engine.max_queue, "context_length": config.context_length, **engine.stats()}
+        return JSONResponse(body, 200 if engine.alive else 503)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models():
+        return {"object": "list", "data": [protocol.model_card(config.model_name, started)]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
+    async def get_model(model_id: str):
+        check_model(model_id)
+        return protocol.model_card(config.model_name, started)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(request: protocol.ChatCompletionRequest):
+        check_model(request.model)
+        tokenizer = engine.loaded.tokenizer
+        if not tokenizer.chat_template:
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions with plain text.", param="messages")
+        messages = [m.for_template() for m in request.messages]
+        ids = tokenize(lambda: prompt_ids(tokenizer, messages=messages), "messages")
+        job = submit(request, ids)
+        request_id = protocol.new_id("chatcmpl")
+        if not request.stream:
+            result = await outcome(job)
+            return protocol.chat_completion(request_id, config.model_name, result.text, result.finish_reason,
+                                            result.prompt_tokens, result.completion_tokens)
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+            return protocol.chat_chunk(request_id, config.model_name, delta, finish_reason)
+
+        first = chunk({"role": "assistant", "content": ""})
+        return sse_response(stream_events(job, request, first, lambda text: chunk({"content": text}),
+                                          lambda reason: chunk({}, reason), request_id, "chat.completion.chunk"))
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(request: protocol.CompletionRequest):
+        check_model(request.model)
+        tokenizer = engine.loaded.tokenizer
+        ids = tokenize(lambda: prompt_ids(tokenizer, text=request.prompt_text), "prompt")
+        job = submit(request, ids)
+        request_id = protocol.new_id("cmpl")
+        if not request.stream:
+            result = await outcome(job)
+            return protocol.text_completion(request_id, config.model_name, result.text, result.finish_reason,
+                                            result.prompt_tokens, result.completion_tokens)
+
+        def chunk(text: str, finish_reason: str | None = None) -> dict:
+            return protocol.completion_chunk(request_id, config.model_name, text, finish_reason)
+
+        return sse_response(stream_events(job, request, None, chunk, lambda reason: chunk("", reason),
+                                          request_id, "text_completion"))
+
+    # ------------------------------------------------------------------ helpers
+
+    def check_model(name: str) -> None:
+        if name != config.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{config.model_name}' (GET /v1/models).",
+                           param="model", code="model_not_found")
+
+    def tokenize(encode, param: str) -> list[int]:
+        try:
+            ids = encode()["input_ids"][0].tolist()
+        except UserError as exc:
+            raise APIError(400, str(exc), param=param) from None
+        except Exception as exc:  # a chat template that refuses the conversation (e.g. roles must alternate)
+            raise APIError(400, f"cannot format the {param}: {first_line(exc)}", param=param) from None
+        if not ids:
+            raise APIError(400, f"the {param} is empty.", param=param)
+        return ids
+
+    def submit(request: protocol.ChatCompletionRequest | protocol.CompletionRequest, ids: list[int]):
+        room = config.context_length - len(ids)
+        asked = request.requested_max_tokens()
+        if room < 1 or (asked is not None and asked > room):
+            wanted = f" and max_tokens asks for {asked} ({len(ids) + asked} in all)" if asked is not None else ""
+            raise APIError(400, f"this model's maximum context length is {config.context_length} tokens; the prompt has"
+                           f" {len(ids)} tokens{wanted}. Shorten the prompt or lower max_tokens.",
+                           param="messages" if isinstance(request, protocol.ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        completion = Completion(
+            prompt_ids=tuple(ids), max_tokens=asked if asked is not None else min(config.default_max_tokens, room),
+            temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+            stop=request.stop_sequences, ignore_eos=request.ignore_eos, stream=request.stream,
+        )
+        try:
+            return engine.submit(completion)
+        except QueueFull as exc:
+            raise APIError(429, f"the server is busy: {exc}. Retry shortly.", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except EngineStopped as exc:
+            raise APIError(503, f"{exc}; restart cpuft serve.", "server_error", code="unavailable") from None
+
+    async def outcome(job) -> Finished:
+        try:
+            result = await job.result()
+        finally:
+            engine.cancel(job)  # a no-op once finished; stops the row if this handler was cancelled
+        if isinstance(result, Failed):
+            raise APIError(500, result.message, "server_error")
+        return result
+
+    async def stream_events(job, request, first: dict | None, delta_chunk, final_chunk, request_id: str, obj: str) -> AsyncIterator[str]:
+        include_usage = request.include_usage
+        try:
+            if first is not None:
+                yield sse(first, include_usage)
+            async for event in job.events():
+                if isinstance(event, Delta):
+                    yield sse(delta_chunk(event.text), include_usage)
+                elif isinstance(event, Finished):
+                    yield sse(final_chunk(event.finish_reason), include_usage)
+                    if include_usage:
+                        yield sse(protocol.usage_chunk(request_id, config.model_name, obj, event.prompt_tokens, event.completion_tokens))
+                else:
+                    yield sse(protocol.error_body(event.message, "server_error"))
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away mid-stream (the response task is cancelled), or the stream ended
+            engine.cancel(job)
+
+    return app
+
+
+def sse(payload: dict, include_usage: bool = False) -> str:
+    if include_usage and "usage" not in payload:
+        payload = {**payload, "usage": None}  # OpenAI sends usage: null on every chunk but the last
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """pydantic's errors -> one message naming each bad field, and the first field (OpenAI's `param`).
+
+    A value that fits no branch of a union (stop: 5 is neither a string nor a list) gives one error
+    per branch, located under the branch's type name; they are merged into one line for the field.
+    """
+    grouped: dict[str | None, list[dict]] = {}
+    for error in errors:
+        loc = () if error.get("type") == "json_invalid" else error.get("loc", ())  # its loc ends in a character offset
+        path = [str(part) for part in loc if part != "body" and not _is_union_branch(part)]
+        grouped.setdefault(".".join(path) or None, []).append(error)
+    parts = []
+    for param, group in list(grouped.items())[:5]:
+        first = group[0]
+        kind = first.get("type")
+        if kind == "json_invalid":
+            reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+            where = first.get("loc", ())[-1] if len(first.get("loc", ())) > 1 else None
+            parts.append(f"the request body is not valid JSON ({reason}{f' at character {where}' if isinstance(where, int) else ''})")
+        elif kind == "missing" and param is None:
+            parts.append("the request body is missing: send a JSON object with Content-Type: application/json")
+        elif param is None:
+            parts.append(f"the request body must be a JSON object: {first.get('msg')}")
+        elif kind == "extra_forbidden":
+            parts.append(f"{param}: unknown field; cpuft serve does not support it (docs/serve.md lists the fields it does)")
+        elif kind == "missing":
+            parts.append(f"{param}: required field missing")
+        elif kind == "value_error":
+            parts.append(f"{param}: {first.get('msg', '').removeprefix('Value error, ')}")
+        else:
+            wanted = " or ".join(dict.fromkeys(
+                e.get("msg", "") if i == 0 else e.get("msg", "").removeprefix("Input should be ") for i, e in enumerate(group)
+            ))
+            parts.append(f"{param}: {wanted} (got {json.dumps(first.get('input'), default=str)[:80]})")
+    if len(grouped) > 5:
+        parts.append(f"and {len(grouped) - 5} more")
+    return "; ".join(parts) + ".", next((p for p in grouped if p), None)
+
+
+def _is_union_branch(part) -> bool:
+    # Branch names are types ("str", "list[str]", "TextPart"); field names are lower-case identifiers.
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
