@@ -1,26 +1,70 @@
-"""How cpuft asks transformers for a model: the config read that sizes a plan before any weights
-load, and the bitsandbytes configs for quantised base weights. Shared by training and inference,
-so a QLoRA base is quantised the same way when it is trained and when it is served.
+"""How cpuft asks transformers for a model: which version and whether its own code may run
+(`pretrained_kwargs`, for every from_pretrained of config, tokenizer and weights), the config read
+that sizes a plan before any weights load, and the bitsandbytes configs for quantised base
+weights. Shared by training and inference, so a base is loaded the same way when it is trained
+and when it is served.
+
+Remote code: a model repository whose config.json has an `auto_map` ships Python classes that
+transformers imports (and so runs) only with trust_remote_code. cpuft passes it as False unless
+the user asks (`--trust-remote-code`), never None: None makes transformers ask on stdin and wait.
+With it on, one warning line per model says that the code will run here. A model that needs it
+without it is a UserError naming the flag (`loading_error`).
 """
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 from cpuft.dtypes import torch_dtype
 from cpuft.errors import UserError, first_line
 
+TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"
+_warned_remote_code: set[str] = set()
 
-def read_model_config(model: str):
+
+def pretrained_kwargs(model: str, revision: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """from_pretrained keyword arguments for `model` at `revision` (None: the default branch)."""
+    if trust_remote_code and model not in _warned_remote_code:
+        _warned_remote_code.add(model)
+        print(f"cpuft: warning: {TRUST_REMOTE_CODE_FLAG}: Python code from the repository of '{model}' will run"
+              " on this machine.", file=sys.stderr, flush=True)
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
+    if revision is not None:
+        kwargs["revision"] = revision
+    return kwargs
+
+
+def needs_remote_code(exc: BaseException) -> bool:
+    """transformers' refusal of a model whose code it may not run (a ValueError naming the flag)."""
+    return isinstance(exc, ValueError) and "trust_remote_code" in str(exc)
+
+
+def loading_error(model: str, exc: BaseException, message: str) -> UserError:
+    """The UserError for a failed from_pretrained of `model`: `message`, or the remote-code refusal
+    naming the flag when that is why it failed."""
+    if needs_remote_code(exc):
+        return UserError(
+            f"'{model}' needs its own Python code to load (its config.json maps the model to classes in"
+            f" the repository), and transformers runs that only when allowed. If you trust that code,"
+            f" pass {TRUST_REMOTE_CODE_FLAG} (trust_remote_code: true); it will run on this machine."
+        )
+    return UserError(message)
+
+
+def read_model_config(model: str, revision: str | None = None, trust_remote_code: bool = False):
     """The model's config.json only (no weights): enough to size the plan and catch typos early."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model)
+        return AutoConfig.from_pretrained(model, **pretrained_kwargs(model, revision, trust_remote_code))
     except Exception as exc:  # OSError for missing files, ValueError for bad configs, hub errors
-        raise UserError(
+        raise loading_error(model, exc, (
             f"cannot load model config for '{model}': {first_line(exc)}. Pass --model a local model"
-            " directory (config.json + weights + tokenizer) or a Hub id you can reach; offline,"
-            " `cpuft tiny-model --out models/tiny` builds a small model to try cpuft with."
-        ) from None
+            " directory (config.json + weights + tokenizer) or a Hub id you can reach (with"
+            " --revision, one of its branches, tags or commits); offline, `cpuft tiny-model --out"
+            " models/tiny` builds a small model to try cpuft with."
+        )) from None
 
 
 def bitsandbytes_config(quantization: str, compute_dtype: str):

@@ -1,46 +1,199 @@
-"""Where a LoRA training step's time goes on CPU: torch.profiler top ops for one fwd+bwd.
+"""Where one cpuft training step's time goes on this CPU, by category.
 
-    python scripts/profile_step.py MODEL_DIR [--batch 4 --seq 256 --threads 2]
+    python scripts/profile_step.py --size 100m [--batch 8] [--fp32] [--out bench-results/profile-100m]
 
-MODEL_DIR: e.g. the bench's bench-results/100m/work/model-100m. Same LoRA settings as the bench
-(r 16, all linear layers, dropout 0.05), fp32, SDPA, no checkpointing. Prints the ops sorted
-by self CPU time and the share spent in matmuls, to say what limits MFU.
+Builds the bench's model and data for `--size` (cpuft.bench.sizes; random weights, nothing
+downloaded), builds cpuft's own trainer exactly as `cpuft sft` does (cpuft.bench.worker.cpuft_trainer:
+the plan's dtype, threads, length-grouped batches, TRL's SFTTrainer and its loss), runs one
+warm-up optimizer step, then times one plain step (wall, user and system CPU seconds, minor page
+faults from getrusage) and profiles one more with torch.profiler (record_shapes). Each op's self CPU
+time goes to one category:
+
+- frozen-weight GEMMs: aten mm/addmm/bmm/linear whose shapes do not contain the LoRA rank;
+- LoRA matmuls: the same ops with the LoRA rank among their dimensions;
+- attention: SDPA's kernels, forward and backward;
+- lm_head + loss: everything under TRL's chunked log-prob function (forward and backward);
+- optimizer: everything under optimizer.step() and zero_grad();
+- elementwise and casts: every other aten op (norms, rotary, activations, dropout masks, copies);
+- Python and framework overhead: the step's wall time minus the ops' summed self time.
+
+Allocator cost shows as minor page faults and system CPU time (the kernel zeroing pages it hands
+back). Writes profile.json and prints a Markdown table. The profiler adds overhead: shares are
+indicative; the plain step's wall time is the figure to quote.
 """
+from __future__ import annotations
+
 import argparse
+import json
 import os
+import resource
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import torch
-from peft import LoraConfig, get_peft_model
-from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-parser = argparse.ArgumentParser()
-parser.add_argument("model_dir")
-parser.add_argument("--batch", type=int, default=4)
-parser.add_argument("--seq", type=int, default=256)
-parser.add_argument("--threads", type=int, default=os.cpu_count())
-args = parser.parse_args()
-torch.set_num_threads(args.threads)
-model = AutoModelForCausalLM.from_pretrained(args.model_dir, attn_implementation="sdpa", dtype=torch.float32)
-model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                         task_type="CAUSAL_LM"))
-model.train()
-ids = torch.randint(10, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-mask = torch.ones_like(ids)
-mask[: args.batch // 2, args.seq // 2:] = 0  # half the rows padded to half length, like a padded batch
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
+CATEGORIES = ("frozen-weight GEMMs", "LoRA matmuls", "attention", "lm_head + loss", "optimizer",
+              "elementwise and casts")
 
 
-def step():
-    out = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
-    out.loss.backward()
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="100m")
+    parser.add_argument("--batch", type=int, help="micro-batch rows (default: the bench size's)")
+    parser.add_argument("--steps-data", type=int, default=4, help="optimizer steps of data to build")
+    parser.add_argument("--fp32", action="store_true", help="force fp32 (the plan's dtype otherwise)")
+    parser.add_argument("--out", type=Path)
+    return parser.parse_args(argv)
 
 
-step()  # warm-up
-with profile(activities=[ProfilerActivity.CPU]) as prof:
-    step()
-events = prof.key_averages()
-total = sum(e.self_cpu_time_total for e in events)
-matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
-print(f"matmul share of self CPU time: {matmul / total:.1%}  (batch {args.batch} x {args.seq}, {args.threads} threads)")
+def build_trainer(args):
+    from dataclasses import replace
+
+    from cpuft.bench.data import write_bench_data
+    from cpuft.bench.orchestrator import bench_model
+    from cpuft.bench.sizes import LORA_SETTINGS, OPTIMIZER_SETTINGS, SIZES
+    from cpuft.bench.worker import cpuft_trainer
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.planning.plan import PlanRequest, plan_for
+
+    size = SIZES[args.size]
+    if args.batch:
+        size = replace(size, batch_size=args.batch)
+    size = replace(size, steps=args.steps_data)
+    out = args.out or Path("bench-results") / f"profile-{args.size}"
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    train, evaluation, _ = write_bench_data(work, size.train_rows, 2, None, 42, size.median_reply_words)
+    # The model directory is shared with `cpuft bench --size SIZE` so it is built once.
+    model_dir = bench_model(Path("bench-results") / args.size / "work", args.size, SIZES[args.size], print)
+    machine = probe_machine()
+    spec = {
+        "model": str(model_dir), "train": str(train), "eval": str(evaluation), "steps": size.steps,
+        "batch_size": size.batch_size, "accumulation": 1, "max_length": size.max_length, "seed": 42,
+        "threads": plan_for(machine, PlanRequest(device="cpu")).threads, "native_bf16": machine.native_bf16,
+        "run_dir": str(work / "run"), **OPTIMIZER_SETTINGS, **LORA_SETTINGS,
+    }
+    import shutil
+
+    shutil.rmtree(work / "run", ignore_errors=True)
+    trainer, _, plan_facts = cpuft_trainer(spec, force_fp32=args.fp32)
+    return trainer, plan_facts, out, size
+
+
+def mark_lm_head(record_function):
+    """Wrap TRL's chunked log-prob function so its forward shows as one profiler region."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    original = ChunkedLogProbFunction.apply
+
+    def apply(*args):
+        with record_function("cpuft:lm_head+loss"):
+            return original(*args)
+
+    ChunkedLogProbFunction.apply = staticmethod(apply)
+
+
+def one_step(trainer, batch, record_function):
+    loss = trainer.training_step(trainer.model, batch)
+    with record_function("cpuft:optimizer"):
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def usage():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def categorise(events, lora_rank: int) -> dict[str, float]:
+    """Self CPU seconds per category (see the module docstring)."""
+    seconds = defaultdict(float)
+    for event in events:
+        ancestors = []
+        parent = event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        name = event.name
+        if name.startswith("cpuft:") and not ancestors:
+            continue  # the region markers themselves carry no self time worth counting
+        if any(a == "cpuft:optimizer" for a in ancestors) or name == "cpuft:optimizer":
+            category = "optimizer"
+        elif any(a == "cpuft:lm_head+loss" or "ChunkedLogProbFunction" in a for a in ancestors) \
+                or "ChunkedLogProbFunction" in name:
+            category = "lm_head + loss"
+        elif "scaled_dot_product" in name or "flash_attention" in name:
+            category = "attention"
+        elif any("scaled_dot_product" in a or "flash_attention" in a for a in ancestors):
+            category = "attention"
+        elif name in MATMUL_OPS:
+            dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
+            category = "LoRA matmuls" if lora_rank in dims else "frozen-weight GEMMs"
+        elif name.startswith("aten::"):
+            category = "elementwise and casts"
+        else:
+            continue  # autograd engine wrappers, python frames: their self time is bookkeeping
+        seconds[category] += event.self_cpu_time_total / 1e6
+    return seconds
+
+
+def main(argv) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    args = parse_args(argv)
+    trainer, plan_facts, out, size = build_trainer(args)
+    mark_lm_head(record_function)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
+    batches = iter(trainer.get_train_dataloader())
+    warm, plain, profiled = next(batches), next(batches), next(batches)
+    one_step(trainer, warm, record_function)
+
+    start = usage()
+    one_step(trainer, plain, record_function)
+    end = usage()
+    wall, user, system, faults = (b - a for a, b in zip(start, end))
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        profile_start = time.perf_counter()
+        one_step(trainer, profiled, record_function)
+        profiled_wall = time.perf_counter() - profile_start
+    by_category = categorise(prof.events(), trainer.model.peft_config["default"].r)
+    ops_total = sum(by_category.values())
+    by_category["Python and framework overhead"] = max(0.0, profiled_wall - ops_total)
+
+    tokens = int(plain["attention_mask"].sum()) if "attention_mask" in plain else plain["input_ids"].numel()
+    result = {
+        "command": "python scripts/profile_step.py " + " ".join(argv),
+        "size": args.size, **plan_facts, "threads": torch.get_num_threads(),
+        "batch_shape": list(plain["input_ids"].shape), "non_padding_tokens": tokens,
+        "step_wall_seconds": wall, "step_user_seconds": user, "step_system_seconds": system,
+        "step_minor_page_faults": faults, "profiled_step_wall_seconds": profiled_wall,
+        "self_seconds_by_category": dict(by_category),
+        "load_average": os.getloadavg(),
+        "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(result, indent=2))
+    print(result["top_ops"])
+    print(f"\n{args.size}: batch {result['batch_shape']} ({tokens} non-padding tokens),"
+          f" {plan_facts['compute_dtype']}, {result['threads']} threads; plain step {wall:.2f} s wall,"
+          f" {user:.2f} s user, {system:.2f} s system, {faults:,} minor page faults;"
+          f" load average {result['load_average'][0]:.1f}")
+    print("\n| category | self CPU s (profiled step) | share |\n|---|---|---|")
+    total = sum(by_category.values())
+    for name in (*CATEGORIES, "Python and framework overhead"):
+        print(f"| {name} | {by_category.get(name, 0.0):.2f} | {by_category.get(name, 0.0) / total:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -48,6 +48,21 @@ def cpuft_cli():
     return run_cpuft
 
 
+# Chat rows of random words for the preemption and durability tests: long enough that a step of
+# the test model costs enough for a test to act between two checkpoints.
+CHAT_WORDS = "cpu core thread cache memory loss adapter rank alpha token batch step spot queue job resume checkpoint".split()
+
+
+def random_chat_rows(seed: int, question_words: int, answer_words: int, count: int = 48) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    return [{"messages": [
+        {"role": "user", "content": f"Question {i}: " + " ".join(rng.choice(CHAT_WORDS) for _ in range(question_words)) + "?"},
+        {"role": "assistant", "content": " ".join(rng.choice(CHAT_WORDS) for _ in range(answer_words))},
+    ]} for i in range(count)]
+
+
 # Question/answer rows with a learnable pattern, for the inference/merge/eval tests (issue 5).
 _CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
              ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Norway", "Oslo"), ("Cuba", "Havana")]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cpuft, write_jsonl
+from tests.conftest import random_chat_rows, run_cpuft, write_jsonl
 
 MAX_STEPS = 24
 SAVE_STEPS = 4
@@ -36,19 +36,11 @@ JOB = {  # small, but each step costs enough that the test can act between check
     "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "save_total_limit": 2, "per_device_batch_size": 2,
     "gradient_accumulation_steps": 1, "max_length": 256, "eval_fraction": 0.0, "logging_steps": 1,
 }
-WORDS = "cpu core thread cache memory loss adapter rank alpha token batch step spot queue job resume checkpoint".split()
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    import random
-
-    rng = random.Random(0)
-    rows = [{"messages": [
-        {"role": "user", "content": f"Question {i}: " + " ".join(rng.choice(WORDS) for _ in range(12)) + "?"},
-        {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(60))},
-    ]} for i in range(48)]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", random_chat_rows(seed=0, question_words=12, answer_words=60))
 
 
 @pytest.fixture(scope="module")

@@ -100,11 +100,11 @@ def test_flag_text_is_typed_like_yaml(tmp_path):
         "adam_beta2": "0.98",  # the flag beats the file
         "layers_to_transform": "[0, 1]",  # PEFT allows it only with a list of target modules:
         "lora_target_modules": "q_proj,v_proj",
-        "report_to": "none",  # a word for transformers, not null
+        "hub_strategy": "end",
         "neftune_noise_alpha": "5",
         "use_rslora": "yes",
     })
-    assert config.trl_args == {"adam_beta2": 0.98, "report_to": "none", "neftune_noise_alpha": 5.0}
+    assert config.trl_args == {"adam_beta2": 0.98, "hub_strategy": "end", "neftune_noise_alpha": 5.0}
     assert config.peft_args == {"modules_to_save": ["lm_head"], "layers_to_transform": [0, 1], "use_rslora": True}
     assert resolve_config(None, {"modules_to_save": "embed_tokens,lm_head"}).peft_args == {
         "modules_to_save": ["embed_tokens", "lm_head"]}

@@ -206,3 +206,21 @@ def test_sft_on_a_non_utf8_dataset_exits_2_before_writing_anything(tiny_model_di
     assert f"{dataset}:3: not valid UTF-8" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_split_rows_keep_the_line_they_came_from(tmp_path):
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(12)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    data = prepare_dataset(str(path), eval_fraction=0.25, seed=3)
+    for split, where in ((data.train, data.train_where), (data.eval, data.eval_where)):
+        assert len(where) == len(split)
+        for row, origin in zip(split, where, strict=True):
+            line = int(origin.rsplit(":", 1)[1])  # "rows.jsonl:7" is the 7th line, question 6
+            assert origin.startswith(str(path)) and row["messages"][0]["content"] == f"question {line - 1}"
+
+
+def test_pre_tokenised_rows_are_ordered_by_their_token_count():
+    from cpuft.data.packing import row_length
+
+    assert row_length({"input_ids": [5, 6, 7], "assistant_masks": [0, 1, 1]}) == 3
+    assert row_length({"text": "abcd"}) == 4  # text rows: characters, a stand-in that ranks alike

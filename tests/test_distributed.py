@@ -2,8 +2,9 @@
 
 Each run starts two Python processes on the 2 cores, so this file takes a few minutes; it holds
 as few runs as the claims need: one process against two (the same global batch and order), and
-SIGTERM to one rank followed by --resume as two "machines" (two --nnodes 2 invocations on
-127.0.0.1).
+one run directory taken through every way a rank can stop: a late error on one rank (a real
+memory limit on rank 1 alone), SIGTERM to one rank, kill -9 of one rank, each followed by
+--resume, the last as two "machines" (two --nnodes 2 invocations on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from cpuft.train.distributed import parse_cpulist, processes_per_node, threads_per_rank
+from cpuft.errors import UserError
+from cpuft.train.distributed import (
+    parse_cpulist,
+    processes_per_node,
+    threads_per_rank,
+    world_from_flags,
+)
 from tests.conftest import run_cpuft
 
 COMMON = ("--eval-fraction", "0", "--per-device-batch-size", "1", "--logging-steps", "1", "--lora-dropout", "0",
@@ -45,6 +52,17 @@ def test_cpulist_and_shares_by_hand():
     assert parse_cpulist("5") == [5]
     assert threads_per_rank(16, 2) == 8 and threads_per_rank(16, 3) == 5 and threads_per_rank(2, 4) == 1
     assert processes_per_node("auto", 1) == 1 and processes_per_node("auto", 2) == 2 and processes_per_node("3", 1) == 3
+    assert world_from_flags("auto", 2, 2) == (2, 2)
+    for nproc, nnodes in (("0", 1), ("two", 1), ("1", 0)):
+        with pytest.raises(UserError):
+            world_from_flags(nproc, nnodes, 1)
+
+
+def test_bad_world_flags_are_refused_by_plan_and_sft_alike(qa_model_dir):
+    for command in ("plan", "sft"):
+        result = run_cpuft(command, "--model", qa_model_dir, "--nproc-per-node", "0", "--tokens" if command == "plan" else "--dry-run",
+                           *(["1000"] if command == "plan" else []))
+        assert result.returncode == 2 and "--nproc-per-node must be 'auto' or a positive integer" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -82,51 +100,129 @@ def test_two_ranks_write_one_run_directory(one_and_two):
     summary = json.loads((two / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4 and summary["threads"] == 1
     assert result.stdout.count("done: 4 steps") == 1 and result.stdout.count("run directory:") == 1
+    # The plan knows the world: printed once, and in plan.json (no separate "world" record).
+    plan = json.loads((two / "plan.json").read_text())["plan"]
+    assert (plan["world_size"], plan["ranks_per_node"], plan["nodes"]) == (2, 2, 1)
+    assert (plan["effective_batch_size"], plan["global_batch_size"], plan["threads"]) == (1, 2, 1)
+    assert plan["allreduce"]["gradient_bytes"] == summary["trainable_params"] * 4  # fp32 LoRA gradients
+    assert result.stdout.count("2 ranks = 2 per node on 1 node") == 1
 
 
-def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+def test_ddp_does_not_search_for_unused_parameters(one_and_two):
+    # LoRA gives every trainable parameter a gradient: with find_unused_parameters=True (the
+    # Trainer's default without checkpointing) DDP warns on every rank that the search found none.
+    _, _, result = one_and_two
+    assert "find_unused_parameters=True" not in result.stderr + result.stdout
+
+
+def _rank_process(launcher: subprocess.Popen, rank: int):
     import psutil
 
     for child in psutil.Process(launcher.pid).children(recursive=True):
         try:
             if child.environ().get("RANK") == str(rank) and "cpuft" in " ".join(child.cmdline()):
-                return child.pid
+                return child
         except psutil.Error:
             continue
     return None
 
 
-def test_sigterm_to_one_rank_checkpoints_all_and_two_nodes_resume(qa_model_dir, qa_dataset, tmp_path):
-    run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "cpuft", "sft", "--model", str(qa_model_dir), "--dataset", str(qa_dataset),
-            "--max-steps", "400", "--save-steps", "1000", *COMMON, "--output-dir", str(run_dir)]
-    launcher = subprocess.Popen([*args, "--nproc-per-node", "2"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 2):
-        time.sleep(0.5)
-    pid = _rank_pid(launcher, 1)
-    assert pid is not None, "rank 1 not found"
-    os.kill(pid, signal.SIGTERM)
-    out, _ = launcher.communicate(timeout=240)
-    assert launcher.returncode == 75, out[-3000:]
-    checkpoints = sorted(run_dir.glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and not (run_dir / "adapter").exists()
-    stopped_at = int(checkpoints[0].name.split("-")[1])
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cpuft", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    # Two "machines": node 0 hosts the rendezvous on 127.0.0.1, node 1 joins it.
-    end = stopped_at + 2
+
+def _wait_for(condition, launcher: subprocess.Popen, what: str, seconds: float = 240):
+    deadline = time.time() + seconds
+    while time.time() < deadline and launcher.poll() is None:
+        if condition():
+            return
+        time.sleep(0.2)
+    launcher.kill()
+    pytest.fail(f"{what} did not happen: {launcher.communicate()[0][-3000:]}")
+
+
+def _finish(launcher: subprocess.Popen, seconds: float) -> str:
+    """The launcher's output once it ends; a failure (not a hang) when it takes over `seconds`."""
+    try:
+        return launcher.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        pytest.fail(f"the job still ran {seconds} s after one rank stopped: {launcher.communicate()[0][-3000:]}")
+
+
+def _checkpoints(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints (transformers writes trainer_state.json last)."""
+    return sorted(int(c.name.split("-")[1]) for c in run_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file())
+
+
+def _one_paragraph(out: str, start: str) -> str:
+    """The launcher's message: exactly one, and no traceback from any rank around it."""
+    lines = [line for line in out.splitlines() if line.startswith(start)]
+    assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    return lines[0]
+
+
+def test_a_rank_that_fails_or_stops_ends_the_job_and_resume_continues(qa_model_dir, qa_dataset, tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               # Every allocation over 64 KiB maps new memory, so rank 1's limit below bites at its
+               # next such allocation instead of whenever the heap's free lists run dry.
+               GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536")
+    train = ["sft", "--model", str(qa_model_dir), "--dataset", str(qa_dataset), "--max-steps", "400",
+             "--save-steps", "2", *COMMON, "--output-dir", str(run_dir), "--nproc-per-node", "2"]
+    resume = ["sft", "--output-dir", str(run_dir), "--resume", "--no-progress"]
+
+    # 1. A late error on one rank: rank 1 alone runs out of memory (its address space capped at
+    # what it has mapped, a real limit: prlimit), mid-run. Both ranks end, one message names it.
+    launcher = _start(train, env)
+    _wait_for(lambda: 2 in _checkpoints(run_dir), launcher, "checkpoint-2")
+    rank1 = _rank_process(launcher, 1)
+    limit = rank1.memory_info().vms
+    rank1.rlimit(psutil.RLIMIT_AS, (limit, limit))
+    out = _finish(launcher, 120)
+    assert launcher.returncode == 1, out[-3000:]
+    message = _one_paragraph(out, "cpuft: rank 1 of 2 ")
+    assert "failed: RuntimeError:" in message and "allocate" in message, message
+    traceback_file = Path(message.split("Its traceback: ")[1].split(". ")[0])
+    assert "alloc" in traceback_file.read_text()
+    first = _checkpoints(run_dir)[-1]
+
+    # 2. --resume continues from the last complete checkpoint; SIGTERM to rank 1 then stops every
+    # rank at the same step with one checkpoint (exit 75).
+    launcher = _start([*resume, "--nproc-per-node", "2"], env)
+    _wait_for(lambda: any(r["step"] > first for r in metrics(run_dir) if "loss" in r), launcher, "a step after resuming")
+    os.kill(_rank_process(launcher, 1).pid, signal.SIGTERM)
+    out = _finish(launcher, 120)
+    assert launcher.returncode == 75, out[-3000:]
+    assert f"resuming from {run_dir / f'checkpoint-{first}'}" in out
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    stopped = _checkpoints(run_dir)[-1]
+    assert stopped > first
+
+    # 3. kill -9 one rank: torchrun tears the other down; one message, no hang.
+    launcher = _start([*resume, "--nproc-per-node", "2"], env)
+    _wait_for(lambda: max(_checkpoints(run_dir)) > stopped, launcher, "a checkpoint after resuming")
+    _rank_process(launcher, 1).kill()
+    killed_at = time.time()
+    out = _finish(launcher, 60)
+    assert launcher.returncode == 1 and time.time() - killed_at < 45, out[-3000:]
+    assert "was killed by SIGKILL" in _one_paragraph(out, "cpuft: rank 1 of 2 ")
+    last = _checkpoints(run_dir)[-1]
+
+    # 4. Two "machines": node 0 hosts the rendezvous on 127.0.0.1, node 1 joins it; they finish.
+    end = last + 2
     port = free_port()
-    resume = ["sft", "--output-dir", str(run_dir), "--resume", "--max-steps", str(end), "--no-progress",
-              "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}"]
-    nodes = [subprocess.Popen([sys.executable, "-m", "cpuft", *resume, "--node-rank", str(r)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    outs = [node.communicate(timeout=300)[0] for node in nodes]
+    nodes = [_start([*resume, "--max-steps", str(end), "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                     "--node-rank", str(r)], env) for r in (0, 1)]
+    outs = [_finish(node, 300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     steps = [s for s, _ in losses(run_dir)]
-    assert steps == list(range(1, end + 1))  # every step logged exactly once across both runs
+    assert steps == list(range(1, end + 1))  # every step logged exactly once across the four runs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == end
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    plan = json.loads((run_dir / "plan.json").read_text())["plan"]
+    assert (plan["world_size"], plan["ranks_per_node"], plan["nodes"]) == (2, 1, 2)

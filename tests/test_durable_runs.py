@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cpuft, write_jsonl
-from tests.test_batch_preemption import WORDS, max_abs_difference
+from tests.conftest import random_chat_rows, run_cpuft, write_jsonl
+from tests.test_batch_preemption import max_abs_difference
 
 MAX_STEPS = 10
 JOB = {
@@ -35,14 +35,7 @@ MANIFEST = "cpuft-manifest.json"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    import random
-
-    rng = random.Random(1)
-    rows = [{"messages": [
-        {"role": "user", "content": f"Q{i}: " + " ".join(rng.choice(WORDS) for _ in range(8)) + "?"},
-        {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(30))},
-    ]} for i in range(48)]
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", random_chat_rows(seed=1, question_words=8, answer_words=30))
 
 
 def job_flags() -> list[str]:

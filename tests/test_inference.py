@@ -59,7 +59,8 @@ def reference_reply(qa_model_dir: Path, adapter_dir: Path, messages: list[dict],
 
 
 def test_eval_reproduces_the_trainers_eval_loss_and_writes_generations(qa_run_dir):
-    result = run_cpuft("eval", "--model", qa_run_dir, "--generations", "3", "--max-new-tokens", "8", "--no-progress")
+    # The run trained (and its trainer evaluated) the replies only, the default --loss-on assistant.
+    result = run_cpuft("eval", "--model", qa_run_dir, "--assistant-only", "--generations", "3", "--max-new-tokens", "8", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
 
     report = json.loads((qa_run_dir / "eval" / "eval.json").read_text())
@@ -176,7 +177,7 @@ def test_cli_int8_with_bf16_requested_runs_in_fp32_and_says_why(qa_run_dir, tmp_
     assert result.stdout == expected + "\n"
 
     out = tmp_path / "eval"
-    result = run_cpuft("eval", "--model", qa_run_dir, "--dtype", "bf16", "--int8", "--generations", "1",
+    result = run_cpuft("eval", "--model", qa_run_dir, "--assistant-only", "--dtype", "bf16", "--int8", "--generations", "1",
                        "--max-new-tokens", "4", "--no-progress", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
@@ -313,3 +314,68 @@ def test_moved_base_model_asks_for_base(qa_run_dir, tmp_path):
 def test_directory_that_is_not_a_model(tmp_path):
     with pytest.raises(UserError, match="neither a cpuft run directory"):
         resolve_source(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- which tokens end a reply
+
+
+def test_stop_ids_are_eos_generation_config_ids_and_the_templates_end_of_turn(tiny_model_dir):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from cpuft.inference.generate import stop_token_ids
+
+    # A Qwen-like base: eos_token is <|endoftext|>, while the chat template ends turns with <|im_end|>.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[7, 9]))
+    vocabulary = tokenizer.get_vocab()
+    assert stop_token_ids(tokenizer, model) == (vocabulary["<|endoftext|>"], 7, 9, vocabulary["<|im_end|>"])
+    tokenizer.chat_template = None  # no template: no end-of-turn token is assumed
+    assert stop_token_ids(tokenizer, model) == (vocabulary["<|endoftext|>"], 7, 9)
+
+
+def test_generate_stream_and_serve_stop_on_every_generation_config_eos_id(tiny_model_dir, tmp_path):
+    """A model whose generation_config lists two eos ids: cpuft generate, the chat stream and the
+    server all end the reply at the second one, not only at the tokenizer's EOS."""
+    import asyncio
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpuft.serve.engine import Completion, Engine
+
+    model_dir = tmp_path / "two-eos"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = "Once upon a time"
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():  # the unstopped greedy continuation, from stock transformers
+        free = AutoModelForCausalLM.from_pretrained(model_dir).generate(
+            **inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    new = free[0, inputs["input_ids"].shape[1]:].tolist()
+    # A random tiny model repeats one token; making the first one the second eos id ends the reply
+    # at once, where stopping on the tokenizer's EOS alone would print all 8.
+    assert len(new) == 8 and new[0] not in tokenizer.all_special_ids
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [tokenizer.eos_token_id, new[0]]
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    expected = ""
+
+    result = run_cpuft("generate", "--model", model_dir, "--dtype", "fp32", "--raw", "--max-new-tokens", "8", prompt)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == expected + "\n"
+
+    loaded = load_for_inference(resolve_source(str(model_dir)))
+    settings = GenerationSettings(max_new_tokens=8)
+    assert "".join(stream(loaded, settings, text=prompt)) == expected
+
+    async def serve_once():
+        engine = Engine(loaded, max_batch_size=1, max_queue=1)
+        engine.start()
+        try:
+            return await engine.submit(Completion(prompt_ids=tuple(inputs["input_ids"][0].tolist()), max_tokens=8)).result()
+        finally:
+            engine.stop()
+
+    finished = asyncio.run(serve_once())
+    assert (finished.text, finished.finish_reason, finished.completion_tokens) == (expected, "stop", 1)

@@ -186,3 +186,90 @@ def test_template_errors_and_rewritten_replies_are_user_errors(texts):
 
     with pytest.raises(UserError, match="message 2 \\(user\\): 'content' must be a string"):
         mask_assistant_tokens([{"role": "system", "content": "x"}, {"role": "user", "content": None}], shouting)
+
+
+def base_tokenizer(texts):
+    """A base model's tokenizer: no chat template, and none of ChatML's tokens."""
+    from cpuft.testing.tiny_model import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(texts, 512, ["<|endoftext|>"], pad_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def test_default_template_for_a_base_tokenizer(texts):
+    from cpuft.data.chat_template import install_default_chat_template
+
+    tokenizer = base_tokenizer(texts)
+    assert tokenizer.chat_template is None and len(tokenizer) == 512
+    installed = install_default_chat_template(tokenizer)
+    assert installed.added_tokens == ("<|im_start|>", "<|im_end|>")
+    assert installed.token_ids == (512, 513) and len(tokenizer) == 514
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert installed.describe().startswith("no chat template: using cpuft's default ChatML template, added 2 tokens")
+
+    rendered = tokenizer.apply_chat_template(CONVERSATION[1:3], tokenize=False, add_generation_prompt=False)
+    assert rendered == (f"<|im_start|>user\n{QUESTION_1}<|im_end|>\n<|im_start|>assistant\n{REPLY_1}<|im_end|>\n")
+    # Each marker is one token, whole, wherever it stands.
+    assert tokenizer("<|im_start|>user", add_special_tokens=False)["input_ids"][0] == 512
+
+    rows, counts = tokenize_conversations([CONVERSATION], tokenizer)
+    ids, mask = rows[0]["input_ids"], rows[0]["assistant_masks"]
+    assert trained_spans(tokenizer, ids, mask) == [REPLY_1 + "<|im_end|>", REPLY_2 + "<|im_end|>"]
+    # The template's {% generation %} markers make transformers' own mask an independent oracle.
+    oracle = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_assistant_tokens_mask=True)
+    assert ids == oracle["input_ids"] and mask == oracle["assistant_masks"]
+    assert counts.turns_without_end_token == 0
+
+    chat = chat_tokenizer(CHATML, texts)  # a tokenizer with a template keeps it, unchanged
+    before = (chat.chat_template, len(chat), chat.eos_token)
+    assert install_default_chat_template(chat) is None
+    assert (chat.chat_template, len(chat), chat.eos_token) == before
+
+
+def test_counts_describe_what_the_loss_counts(texts):
+    tokenizer = chat_tokenizer(CHATML, texts)
+    _, assistant = tokenize_conversations([CONVERSATION], tokenizer)
+    _, everything = tokenize_conversations([CONVERSATION], tokenizer, loss_on="all")
+    share = 100 * assistant.loss_tokens / assistant.tokens
+    assert assistant.describe() == f"loss on: assistant tokens ({assistant.loss_tokens} of {assistant.tokens} tokens, {share:.1f} %)"
+    assert everything.describe() == f"loss on: all tokens ({everything.tokens} tokens in 1 conversations)"
+    assert assistant.warnings() == []
+    _, cut = tokenize_conversations([CONVERSATION], tokenizer, max_length=5)
+    assert cut.warnings() == [
+        "1 of 1 conversations have no assistant token left after truncation to max_length, so they"
+        " train nothing; raise max_length or shorten their prompts"
+    ]
+
+
+class UniformLogits:
+    """A stand-in model whose logits are all 0: every token costs ln(vocabulary) nats."""
+
+    VOCAB = 600
+    config = type("Config", (), {"is_encoder_decoder": False})()
+
+    def parameters(self):
+        import torch
+
+        yield torch.zeros(1)
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.VOCAB)})()
+
+
+def test_cpuft_eval_assistant_only_scores_the_training_mask(texts):
+    """`cpuft eval --assistant-only` scores each reply and its end-of-turn token: the tokens the
+    Llama-3 template (no generation markers) gives the replies, counted here by hand."""
+    import math
+
+    from cpuft.inference.evaluate import evaluate_loss
+
+    tokenizer = chat_tokenizer(LLAMA3, texts)
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION[:3]}]
+    reply_tokens = [len(tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1 for reply in (REPLY_1, REPLY_2)]
+    scored = evaluate_loss(UniformLogits(), tokenizer, rows, assistant_only=True)
+    assert scored.tokens == sum(reply_tokens) + reply_tokens[0]
+    assert scored.loss == pytest.approx(math.log(UniformLogits.VOCAB))
+    every = evaluate_loss(UniformLogits(), tokenizer, rows)
+    lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
+    assert every.tokens == sum(n - 1 for n in lengths)  # every token but each row's first is predicted

@@ -312,6 +312,74 @@ def test_an_unknown_model_shape_leaves_the_plan_unfitted():
     assert fitted.plan == plan_for(avx2_box(24), PlanRequest.from_job(SFTJobConfig(model="unknown")))
 
 
+# ----------------------------------------------------------------------------- more than one process
+
+# LoRA r=16 on Llama-7B's linear layers: 32 x (4 x 16 x (4096 + 4096) + 3 x 16 x (4096 + 11008)).
+SEVEN_B_LORA_PARAMS = 32 * (4 * 16 * 8192 + 3 * 16 * 15104)
+
+
+def test_each_rank_holds_a_model_copy_and_the_fit_sizes_the_node(shapes):
+    assert SEVEN_B_LORA_PARAMS == 39_976_960
+    # 100 GiB (90 usable): one process fits as planned (88.9 GiB); two ranks would need 2 x 89.0,
+    # so checkpointing turns on and 2 x 31.7 GiB fits.
+    one = plan_job(avx2_box(100), SEVEN_B_JOB, shapes["llama7b"])
+    two = plan_job(avx2_box(100), SEVEN_B_JOB, shapes["llama7b"], ranks_per_node=2)
+    assert one.plan.gradient_checkpointing is False and one.memory.fits
+    assert two.plan.gradient_checkpointing is True and two.memory.fits and two.plan.threads == 4  # 8 cores / 2
+    memory = two.memory
+    assert memory.total_bytes == 2 * memory.rank_bytes
+    # DDP's buckets: one more copy of the fp32 LoRA gradients per rank, 153 MiB.
+    assert memory.ddp_buckets_bytes == memory.gradients_bytes == SEVEN_B_LORA_PARAMS * 4
+    assert one.memory.ddp_buckets_bytes == 0 and "ddp_buckets" not in one.memory.categories()
+    assert "without it the run needs" in two.plan.reasons["gradient_checkpointing"]
+    table = memory.format()
+    assert "ddp buckets    152.5 MiB" in table and "(2 ranks x " in table and "per rank" in table
+    data = memory.to_dict()
+    assert data["bytes"]["total"] == 2 * data["bytes"]["per_rank"] and data["ranks_per_node"] == 2
+
+
+def test_two_ranks_that_cannot_fit_are_told_one_rank_would(shapes):
+    job = SFTJobConfig(model="llama-7b", max_length=1024, gradient_checkpointing=False, per_device_batch_size=4,
+                       gradient_accumulation_steps=4, quant="none")
+    fitted = plan_job(avx2_box(100), job, shapes["llama7b"], ranks_per_node=2)
+    assert fitted.memory.fits is False
+    assert any(s.startswith("--nproc-per-node 1 (one model copy on this node)") for s in fitted.memory.suggestions)
+
+
+def test_on_cuda_each_rank_has_its_own_gpu(shapes):
+    settings = RunSettings(device="cuda", weights_dtype="bf16", compute_dtype="bf16", ranks_per_node=4, world_size=4)
+    plan = plan_memory(shapes["llama7b"], settings, capacity_bytes=A100_80GB)
+    assert plan.total_bytes == plan.rank_bytes and plan.fits
+
+
+def test_the_allreduce_of_the_lora_gradients_is_small_and_its_time_is_hand_checkable(shapes):
+    fitted = plan_job(avx2_box(200), SEVEN_B_JOB, shapes["llama7b"], ranks_per_node=2, nodes=2)
+    allreduce = fitted.plan.allreduce
+    assert allreduce.gradient_bytes == SEVEN_B_LORA_PARAMS * 4 == 159_907_840
+    assert allreduce.sent_bytes == 159_907_840 * 2 * 3 // 4  # ring: 2 (N-1)/N of it, N = 4
+    # 7 buckets of <= 25 MiB x 2 x 3 hops x 0.5 ms + 239,861,760 B / 0.5 GB/s = 0.021 + 0.4797 s
+    assert allreduce.seconds == pytest.approx(0.50072, abs=1e-5)
+    assert allreduce.line(5.0072) == "all-reduce per step: 152.50 MiB, ~500.7 ms, 10.0% of the step"
+    assert "0.5 GB/s" in allreduce.assumption and "across nodes" in allreduce.assumption
+    assert plan_job(avx2_box(200), SEVEN_B_JOB, shapes["llama7b"]).plan.allreduce is None
+
+
+def test_a_ranks_memory_plan_uses_the_attention_the_architecture_allows(shapes):
+    from cpuft.planning.architecture import ArchitectureFacts, Decision
+
+    eager = ArchitectureFacts(
+        model_type="llama", model_class="LlamaForCausalLM", task_type="CAUSAL_LM",
+        attention=Decision("eager", "requested"), target_modules=Decision("all-linear", "default"),
+        linear_names=("q_proj",),
+    )
+    sdpa = plan_job(avx2_box(200), SEVEN_B_JOB, shapes["llama7b"])
+    fitted = plan_job(avx2_box(200), SEVEN_B_JOB, shapes["llama7b"], architecture=eager)
+    assert fitted.settings.attn_implementation == "eager" and fitted.plan.attn_implementation == "eager"
+    # Eager attention keeps scores and softmax: 2 x 32 heads x 1024 x 1024 per layer and sequence, fp32.
+    extra = fitted.memory.activations_bytes - sdpa.memory.activations_bytes
+    assert extra == 4 * 1024 * 32 * (2 * 32 * 1024) * 4
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -337,6 +405,21 @@ def test_plan_json_for_a_declared_machine_type(llama_13b_config_dir):
     time = report["time"]
     assert time["usd_per_hour_on_demand"] == pytest.approx(2.22)
     assert time["cost_usd_on_demand"] == pytest.approx(time["total_seconds"] / 3600 * 2.22)
+
+
+def test_plan_for_two_ranks_on_each_of_two_declared_machines(llama_13b_config_dir):
+    result = run_cpuft("plan", "--model", llama_13b_config_dir, "--machine-type", "c3-standard-44",
+                       "--nproc-per-node", "2", "--nnodes", "2", "--tokens", "1000000", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    plan, memory = report["plan"], report["memory"]
+    # c3-standard-44: 22 physical cores, 11 per rank; 4 ranks x the 4 x 4 default batch.
+    assert (plan["world_size"], plan["threads"], plan["global_batch_size"]) == (4, 11, 64)
+    assert memory["bytes"]["total"] == 2 * memory["bytes"]["per_rank"]
+    assert report["time"]["tokens_per_epoch"] == 250_000  # each rank trains a quarter of the tokens
+    # Two VMs bill for the run's hours: twice one VM's cost.
+    assert report["cost_usd_all_nodes"]["on_demand"] == pytest.approx(2 * report["time"]["cost_usd_on_demand"])
+    assert plan["allreduce"]["gradient_bytes"] == memory["trainable_params"] * 4
 
 
 def _ram_bytes() -> int:

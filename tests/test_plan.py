@@ -142,7 +142,52 @@ def test_more_threads_than_cores_warns():
 def test_two_socket_machine_suggests_one_process_per_numa_node():
     two_socket = Machine.from_dict({**SAPPHIRE_RAPIDS.to_dict(), "numa_nodes": 2, "sockets": 2})
     plan = plan_for(two_socket, AUTO)
-    assert any("accelerate launch --num_processes 2" in w for w in plan.warnings)
+    assert any("cpuft sft --nproc-per-node auto" in w for w in plan.warnings)
+    per_node = plan_for(two_socket, PlanRequest(ranks_per_node=2))
+    assert per_node.warnings == () and per_node.reasons["world"].startswith("one rank per NUMA node (2)")
+
+
+def test_the_plan_knows_the_world_of_two_ranks_on_each_of_two_nodes():
+    # c3-standard-22: 11 physical cores per node; 2 ranks per node take 5 each (not 11, not 22).
+    plan = plan_for(SAPPHIRE_RAPIDS, PlanRequest(ranks_per_node=2, nodes=2))
+    assert (plan.world_size, plan.threads) == (4, 5)
+    assert "11 physical cores shared by the 2 ranks" in plan.reasons["threads"] and "1 core(s) left idle" in plan.reasons["threads"]
+    # cpuft's CPU default 4 x 4 per rank; DDP averages 4 ranks' gradients: 64 samples per optimizer step.
+    assert (plan.effective_batch_size, plan.global_batch_size) == (16, 64)
+    rows = {name: value for name, value, _ in plan.rows()}
+    assert rows["world"] == "4 ranks = 2 per node x 2 nodes" and rows["threads"] == "5 per rank"
+    assert rows["batch"] == "4 x 4 accumulation = 16 per rank, 64 global"
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert (data["world_size"], data["global_batch_size"], data["ranks_per_node"], data["nodes"]) == (4, 64, 2, 2)
+    assert "gloo" in plan.reasons["world"] and "full model copy" in plan.reasons["world"]
+    # A rank's peak is its 5 cores': 5 x 3.0 GHz x 1,024 AMX bf16 FLOP/cycle.
+    assert plan.peak_flops == pytest.approx(5 * 3.0e9 * 1024)
+
+
+def test_one_process_is_a_world_of_one():
+    plan = plan_for(AVX2_ONLY, AUTO)
+    assert (plan.world_size, plan.global_batch_size, plan.allreduce) == (1, 16, None)
+    assert dict((n, v) for n, v, _ in plan.rows())["world"] == "1 process"
+
+
+def test_requested_threads_times_ranks_over_the_cores_warns_and_bad_worlds_are_refused():
+    plan = plan_for(SAPPHIRE_RAPIDS, PlanRequest(threads=8, ranks_per_node=2))
+    assert plan.threads == 8 and any("8 threads x 2 ranks on 11 physical cores" in w for w in plan.warnings)
+    with pytest.raises(PlanError, match="at least 1"):
+        plan_for(SAPPHIRE_RAPIDS, PlanRequest(ranks_per_node=0))
+
+
+def test_the_model_architecture_comes_in_the_request():
+    from cpuft.planning.architecture import ArchitectureFacts, Decision
+
+    facts = ArchitectureFacts(
+        model_type="bloom", model_class="BloomForCausalLM", task_type="CAUSAL_LM",
+        attention=Decision("eager", "BLOOM's ALiBi attention has no SDPA path"),
+        target_modules=Decision("all-linear", "every linear layer but the head"), linear_names=("dense",),
+    )
+    plan = plan_for(AVX2_ONLY, PlanRequest(architecture=facts))
+    assert (plan.attn_implementation, plan.model_class, plan.task_type) == ("eager", "BloomForCausalLM", "CAUSAL_LM")
+    assert plan.reasons["attn_implementation"] == "BLOOM's ALiBi attention has no SDPA path"
 
 
 def test_packing_is_refused_with_an_attention_that_could_cross_samples():

@@ -338,3 +338,23 @@ def test_help_says_how_to_reach_it_through_an_ssh_tunnel():
     assert result.returncode == 0
     assert "gcloud compute ssh VM --zone ZONE --tunnel-through-iap -- -L 8000:127.0.0.1:8000" in result.stdout
     assert "listens on 127.0.0.1 only" in result.stdout
+
+
+def test_serve_and_generate_share_one_set_of_model_flags():
+    """One definition (cli/infer.add_model_arguments): serve takes MODEL positionally and has no
+    --merge (it always merges); generate takes --model; the other model flags read the same."""
+    from cpuft.cli import build_parser
+
+    parser = build_parser()
+    serve_args = parser.parse_args(["serve", "runs/x", "--int8-method", "torch-dynamic", "--threads", "3"])
+    generate_args = parser.parse_args(["generate", "--model", "runs/x", "--int8-method", "torch-dynamic", "--threads", "3", "hi"])
+    for name in ("model", "base", "device", "dtype", "int8", "int8_method", "nf4", "threads"):
+        assert getattr(serve_args, name) == getattr(generate_args, name), name
+    assert not hasattr(serve_args, "merge") and generate_args.merge is False
+
+    serve_help, generate_help = run_cpuft("serve", "--help").stdout, run_cpuft("generate", "--help").stdout
+    assert "usage: cpuft serve [-h]" in serve_help and " MODEL\n" in serve_help.split("\n\n")[0] + "\n"
+    assert "--merge" not in serve_help and "--model" not in serve_help
+    assert "--model MODEL" in generate_help and "--merge" in generate_help
+    for flag in ("--base", "--device", "--dtype", "--int8-method METHOD", "--nf4", "--threads"):
+        assert flag in serve_help and flag in generate_help, flag

@@ -24,6 +24,10 @@ def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
     result = run_cpuft(
         "sft", "--model", tiny_model_dir, "--dataset", "sample", "--max-steps", "30",
         "--learning-rate", "1e-2", "--save-steps", "10", "--output-dir", run_dir, *FAST,
+        # All tokens: in 30 steps the random 64-wide model learns the template's structure tokens,
+        # while on the replies alone its loss fell only ~0.03 (test_loss_falls_over_the_run);
+        # the default, assistant-only loss, is checked by the tests at the end of this file.
+        "--loss-on", "all",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -67,7 +71,8 @@ def test_trained_tokens_are_the_non_padding_tokens_of_the_data(tiny_model_dir, t
     run_dir = tmp_path / "run"
     result = run_cpuft("sft", "--model", tiny_model_dir, "--dataset", data, "--eval-fraction", "0",
                        "--max-steps", "4", "--per-device-batch-size", "4", "--gradient-accumulation-steps", "1",
-                       "--max-length", "64", "--save-steps", "100", "--output-dir", run_dir, "--no-progress")
+                       "--max-length", "64", "--save-steps", "100", "--output-dir", run_dir, "--no-progress",
+                       "--loss-on", "all")  # with assistant-only loss TRL drops rows whose prompt fills max_length
     assert result.returncode == 0, result.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     lengths = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
@@ -76,6 +81,10 @@ def test_trained_tokens_are_the_non_padding_tokens_of_the_data(tiny_model_dir, t
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["train_rows"] == 8
     assert summary["train_tokens"] == 2 * sum(min(n, 64) for n in lengths)
+    assert summary["loss_counted"] == "all tokens"
+    mask = summary["loss_mask"]
+    assert mask["loss_tokens"] == mask["tokens"] == sum(min(n, 64) for n in lengths)
+    assert mask["truncated_conversations"] == sum(n > 64 for n in lengths)
     logged = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert logged == [1, 2, 3, 4]
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -203,3 +212,166 @@ def test_env_plans_for_a_described_machine(tmp_path):
     result = run_cpuft("env", "--machine", tmp_path / "c3.json")
     assert result.returncode == 0, result.stderr
     assert "bf16" in result.stdout and "AMX" in result.stdout and "44" in result.stdout
+
+
+# Two conversations, one with a system turn, one with two replies (issue 14: loss on the replies).
+CONVERSATIONS = [
+    {"messages": [{"role": "system", "content": "Answer in one short sentence."},
+                  {"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "The capital of France is Paris."}]},
+    {"messages": [{"role": "user", "content": "Name a colour of the sky."},
+                  {"role": "assistant", "content": "The sky is blue."},
+                  {"role": "user", "content": "And at sunset?"},
+                  {"role": "assistant", "content": "At sunset it turns orange and red."}]},
+]
+REPLIES = [m["content"] for row in CONVERSATIONS for m in row["messages"] if m["role"] == "assistant"]
+TWO_ROW_RUN = ["--eval-fraction", "0", "--per-device-batch-size", "2", "--gradient-accumulation-steps", "1",
+               "--max-length", "128", "--save-steps", "100", "--no-progress"]
+
+
+def chatml_reply_tokens(tokenizer) -> int:
+    """By hand from the ChatML template (`<|im_start|>assistant\\n` + reply + `<|im_end|>\\n`): the
+    loss counts each reply's own tokens and its <|im_end|>, nothing else."""
+    return sum(len(tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1 for reply in REPLIES)
+
+
+def test_loss_counts_the_assistant_replies_only(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    data = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    result = run_cpuft("sft", "--model", tiny_model_dir, "--dataset", data, "--max-steps", "2",
+                       "--output-dir", tmp_path / "run", *TWO_ROW_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokens = sum(len(tokenizer.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in CONVERSATIONS)
+    expected = chatml_reply_tokens(tokenizer)
+    assert 0 < expected < tokens
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["loss_counted"] == "assistant tokens"
+    assert summary["loss_mask"] == {
+        "loss_on": "assistant", "conversations": 2, "tokens": tokens, "loss_tokens": expected,
+        "loss_token_fraction": round(expected / tokens, 4), "conversations_without_loss_tokens": 0,
+        "truncated_conversations": 0, "turns_without_end_token": 0,
+    }
+    assert f"loss on: assistant tokens ({expected} of {tokens} tokens" in result.stdout
+    assert summary["train_tokens"] == 2 * tokens  # the model still reads the prompts: 2 steps of both rows
+
+
+def test_the_trl_collator_gets_labels_only_on_the_replies(tiny_model_dir, tmp_path):
+    """One batch from the trainer's own dataloader (TRL's collator): the labelled tokens, decoded,
+    are exactly the replies each with its <|im_end|>; system and user turns and padding are -100."""
+    from cpuft.config.job import resolve_config
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.train.recipe import SFTRecipe
+
+    data = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    config = resolve_config(None, {"model": str(tiny_model_dir), "dataset": str(data), "max_steps": 1,
+                                   "eval_fraction": 0.0, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+                                   "output_dir": str(tmp_path / "run")})
+    recipe = SFTRecipe(config, probe_machine(), show_progress=False, log=lambda *a, **k: None)
+    recipe.setup()
+    trainer = recipe.build_trainer()
+    batch = next(iter(trainer.get_train_dataloader()))
+    tokenizer = recipe.tokenizer
+    spans = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        run = []
+        for token, label in zip(ids, labels, strict=True):
+            if label != -100:
+                assert label == token
+                run.append(token)
+            elif run:
+                spans.append(tokenizer.decode(run))
+                run = []
+        if run:
+            spans.append(tokenizer.decode(run))
+        untrained = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label == -100])
+        assert "<|im_start|>assistant" in untrained and not any(reply in untrained for reply in REPLIES)
+    assert sorted(spans) == sorted(reply + "<|im_end|>" for reply in REPLIES)
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory) -> Path:
+    """A tiny base model: a tokenizer without a chat template or any ChatML token, tied embeddings."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpuft.testing.tiny_model import sample_texts, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(sample_texts(), 1024, ["<|endoftext|>"], pad_token="<|endoftext|>",
+                                    eos_token="<|endoftext|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "base"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_base_model_without_chat_template_trains_its_new_tokens(base_model_dir, tmp_path):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    run_dir = tmp_path / "run"
+    result = run_cpuft("sft", "--model", base_model_dir, "--dataset", data, "--max-steps", "3", "--warmup-steps", "0",
+                       "--learning-rate", "5e-2", "--output-dir", run_dir, *TWO_ROW_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no chat template: using cpuft's default ChatML template, added 2 tokens" in result.stdout
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")  # the template travels with the adapter
+    new_ids = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert new_ids == [1024, 1025] and tokenizer.eos_token == "<|im_end|>"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["loss_mask"]["loss_tokens"] == chatml_reply_tokens(tokenizer)
+    assert summary["default_chat_template"]["trained_token_ids"] == new_ids
+
+    # The adapter holds the two trained rows, not the whole resized embedding.
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    [key] = [k for k in weights if "trainable_tokens" in k]
+    trained = weights[key]
+    assert trained.shape == (2, 64)
+    # Stock PEFT reloads it: it resizes the base to the adapter's tokenizer, then applies the rows,
+    # in the input embedding and in the tied output head alike.
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter")
+    ids = torch.tensor(new_ids)
+    with torch.no_grad():
+        assert torch.equal(reloaded.get_input_embeddings()(ids), trained)
+        assert torch.equal(reloaded.get_output_embeddings().weight[ids], trained)
+    # The rows the run started from: transformers' resize of the base, seeded with the run's seed.
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    torch.manual_seed(42)
+    base.resize_token_embeddings(len(tokenizer))
+    initial = base.get_input_embeddings().weight[ids].detach()
+    assert (trained - initial).abs().max() > 1e-3
+
+    result = run_cpuft("generate", "--model", run_dir, "--max-new-tokens", "4", "What is the capital of France?")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_base_model_with_a_method_that_cannot_train_new_tokens_is_refused(base_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    result = run_cpuft("sft", "--model", base_model_dir, "--dataset", data, "--peft-method", "ia3",
+                       "--output-dir", tmp_path / "run", *TWO_ROW_RUN)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "peft_method ia3 cannot train them" in result.stderr and "--peft-method lora" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_retired_assistant_only_loss_key_reads_as_loss_on(capsys):
+    from cpuft.config.job import resolve_config
+    from cpuft.errors import UserError
+
+    assert resolve_config(None, {}).loss_on == "assistant"
+    assert resolve_config(None, {"assistant_only_loss": True}).loss_on == "assistant"
+    assert resolve_config(None, {"assistant_only_loss": False}).loss_on == "all"  # what runs before loss_on did
+    assert "'assistant_only_loss' is retired (read as loss_on: all)" in capsys.readouterr().err
+    assert resolve_config(None, {"assistant_only_loss": False, "loss_on": "assistant"}).loss_on == "assistant"
+    with pytest.raises(UserError, match="--completion-only-loss: 'completion_only_loss' .* use 'loss_on' instead"):
+        resolve_config(None, {"completion_only_loss": False})
+    with pytest.raises(UserError, match="loss_on"):
+        resolve_config(None, {"loss_on": "replies"})

@@ -7,6 +7,7 @@
 - `lock.py`    one scheduler per queue (flock on a file next to the state)
 - `runner.py`  run each job as a `cpuft sft` child process, map its exit status to a state,
                forward SIGTERM so the child checkpoints, recover jobs a dead scheduler left
+- `durable.py` the queue's copy in a store (`--sync-to`): state snapshot, per-job stores, leases
 - `timer.py`   systemd service + timer (or a cron line) that starts the runner
 - `report.py`  the status table
 """

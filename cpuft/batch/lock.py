@@ -7,6 +7,9 @@ one queue between machines over NFS.
 
 The lock file is never deleted: unlinking a lock file lets a second process lock a new inode while
 the first still holds the old one.
+
+`current_host()` is the name a scheduler records here, in its state rows and in job leases;
+$CPUFT_HOST overrides the machine's host name (two containers on one machine, tests of two hosts).
 """
 
 from __future__ import annotations
@@ -15,6 +18,25 @@ import fcntl
 import os
 import socket
 from pathlib import Path
+
+# sysexits' EX_CANTCREAT: another scheduler holds this queue's lock, or the jobs left are leased to
+# schedulers on other machines (cpuft.batch.durable); this runner can do nothing more now.
+EXIT_LOCKED = 73
+
+
+def current_host() -> str:
+    """The name schedulers record and compare: $CPUFT_HOST if set, else the machine's host name."""
+    return os.environ.get("CPUFT_HOST") or socket.gethostname()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
 
 
 class QueueLocked(Exception):
@@ -41,7 +63,7 @@ class QueueLock:
             os.close(fd)
             raise QueueLocked(self.path, holder) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {current_host()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:

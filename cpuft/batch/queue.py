@@ -7,6 +7,7 @@
       max_steps: 200
     max_failures: 3        # optional: failed runs per job before it is given up (default 3)
     runs_dir: runs         # optional: where run directories go (default <queue dir>/runs)
+    sync_to: gs://bucket/queues/q1   # optional: the queue's durable copy (`cpuft batch run --sync-to` wins)
     jobs:
       - name: r16          # required, unique; letters, digits, '.', '_', '-'
         lora_r: 16
@@ -15,9 +16,11 @@
         output_dir: /data/runs/r32   # optional; default <runs_dir>/<name>
 
 A bare top-level list of jobs is accepted too. Every job key other than `name` is a `cpuft sft`
-config key (`cpuft sft --help`), checked and typed exactly as in a `--config` file.
+config key (`cpuft sft --help`), checked and typed exactly as in a `--config` file. With a queue
+`sync_to`, each job's run is stored at `<sync_to>/jobs/<name>` (see cpuft.batch.durable), so a job
+may not set its own `sync_to` then.
 
-Relative paths (model, dataset, output_dir, runs_dir) are relative to the queue file's
+Relative paths (model, dataset, output_dir, runs_dir, a local sync_to) are relative to the queue file's
 directory, not to the working directory: a timer or a VM startup script starts the runner from
 anywhere. Local model directories and dataset files must exist and the dataset rows must convert;
 Hub ids cannot be checked offline and are left to the job.
@@ -32,7 +35,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ from cpuft.config.yaml_file import key_lines, load_yaml_with_nodes
 from cpuft.errors import UserError
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-QUEUE_KEYS = ("jobs", "defaults", "max_failures", "runs_dir")
+QUEUE_KEYS = ("jobs", "defaults", "max_failures", "runs_dir", "sync_to")
 DEFAULT_MAX_FAILURES = 3
 
 
@@ -69,12 +72,31 @@ class BatchQueue:
     path: Path
     jobs: tuple[BatchJob, ...]
     max_failures: int
+    sync_to: str | None = None  # the queue's store (a URL, or an absolute local path)
 
     def job(self, name: str) -> BatchJob:
         for job in self.jobs:
             if job.name == name:
                 return job
         raise KeyError(name)
+
+    def with_sync_to(self, url: str | None) -> BatchQueue:
+        """This queue stored at `url` (`cpuft batch run --sync-to`, which wins over the file's key).
+
+        A job with its own `sync_to` is refused: the queue stores each job at <url>/jobs/<name>.
+        """
+        url = store_url(Path.cwd(), url) if url else self.sync_to
+        if not url:
+            return replace(self, sync_to=None)
+        clashing = [
+            f"{self.path}:{job.line}: job '{job.name}': field 'sync_to': the queue is stored at {url},"
+            f" which keeps this job at {url}/jobs/{job.name}; remove the job's own sync_to."
+            for job in self.jobs if job.config.sync_to
+        ]
+        if clashing:
+            raise UserError(f"queue {self.path}: {len(clashing)} job(s) set their own sync_to; nothing was run:\n  "
+                            + "\n  ".join(clashing))
+        return replace(self, sync_to=url)
 
 
 def default_state_dir(queue_path: str | Path) -> Path:
@@ -123,6 +145,11 @@ def load_queue(path: str | Path, check_files: bool = True) -> BatchQueue:
         errors.append(f"{path}:{top_lines.get('runs_dir', '?')}: runs_dir must be a directory path, got {runs_dir_value!r}.")
         runs_dir_value = "runs"
     runs_dir = _relative_to(path.parent, runs_dir_value)
+    sync_to = raw.get("sync_to")
+    if sync_to is not None and (not isinstance(sync_to, str) or not sync_to.strip()):
+        errors.append(f"{path}:{top_lines.get('sync_to', '?')}: sync_to must be a URL (gs://bucket/path,"
+                      f" s3://...) or a directory path, got {sync_to!r}.")
+        sync_to = None
 
     defaults = _typed_defaults(path, raw.get("defaults"), root_keys.get("defaults"), top_lines.get("defaults"), errors)
     jobs_raw = raw.get("jobs", [])
@@ -162,7 +189,9 @@ def load_queue(path: str | Path, check_files: bool = True) -> BatchQueue:
     if errors:
         count = f"{len(errors)} problem{'s' if len(errors) > 1 else ''}"
         raise UserError(f"queue {path} has {count}; nothing was run:\n  " + "\n  ".join(errors))
-    return BatchQueue(path=path, jobs=tuple(jobs), max_failures=max_failures)
+    queue = BatchQueue(path=path, jobs=tuple(jobs), max_failures=max_failures,
+                       sync_to=store_url(path.parent, sync_to) if sync_to else None)
+    return queue.with_sync_to(None)  # refuses a job's own sync_to when the queue has one
 
 
 def _typed_defaults(path: Path, raw: Any, node, line: int | None, errors: list[str]) -> dict[str, tuple[Any, int]]:
@@ -257,6 +286,14 @@ def _looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~"))
 
 
+def store_url(base: Path, value: str) -> str:
+    """A URL (`gs://...`, `file://...`) as written; a local path made absolute against `base`."""
+    value = value.strip()
+    if "://" in value:
+        return value.rstrip("/")
+    return str(_relative_to(base, value))
+
+
 def _relative_to(base: Path, value: str) -> Path:
     candidate = Path(os.path.expanduser(value))
     # abspath, not resolve(): normalise '..' but keep the user's symlinks in what we record
@@ -295,19 +332,12 @@ def _resolve_dataset(base: Path, value: str, check: bool) -> str:
 
 def _check_rows(config: SFTJobConfig) -> None:
     """Read and convert a local dataset now, so a bad row stops the queue before any job runs."""
-    from cpuft.data.formats import convert_row, detect_format
-    from cpuft.data.readers import SAMPLE_NAME, load_rows
+    from cpuft.data.prepare import read_and_convert
+    from cpuft.data.readers import SAMPLE_NAME
 
     if config.dataset != SAMPLE_NAME and not Path(config.dataset).is_file():
         return  # Hub dataset: only the job can reach it
-    rows = load_rows(config.dataset, config.dataset_split)
-    if config.max_samples is not None:
-        rows = rows[: config.max_samples]
-    if not rows:
-        raise UserError(f"{config.dataset}: no rows to train on.")
-    row_format = detect_format(rows[0]) if config.dataset_format == "auto" else config.dataset_format
-    for row in rows:
-        convert_row(row, row_format)
+    read_and_convert(config.dataset, config.dataset_format, config.dataset_split, config.max_samples)
 
 
 def _duplicate_keys(node) -> tuple[str, int] | None:

@@ -10,6 +10,11 @@ Preemption: on SIGTERM/SIGINT the runner forwards SIGTERM to the child, waits fo
 checkpoint and exit, records 'preempted' and stops (exit 75) without starting another job. Under
 systemd use KillMode=mixed (timer.py does) so only the runner is signalled and it forwards once.
 
+With a store (`--sync-to URL` or the queue's `sync_to`; cpuft.batch.durable) the queue's state is
+also kept in the store, each job runs under a lease there and syncs its run to
+`<url>/jobs/<name>`, so a new VM with an empty disk carries on where the last one stopped. Jobs
+leased to another machine are skipped; when only those are left the runner exits 73.
+
 Recovery (the previous scheduler died, e.g. kill -9 or a VM reset): holding the queue lock proves
 no scheduler is alive, so every 'running' row is stale. If the dead scheduler's child still runs
 (an orphan on this host), it is sent SIGTERM and awaited, so it checkpoints and nothing trains
@@ -27,7 +32,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,12 +41,21 @@ from pathlib import Path
 import yaml
 
 from cpuft.artifacts import atomic_write_text
+from cpuft.batch.lock import EXIT_LOCKED, current_host, process_alive
 from cpuft.batch.queue import BatchJob, BatchQueue
 from cpuft.batch.state import JobRecord, StateStore
-from cpuft.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED
+from cpuft.checkpoints import CHECKPOINT_NAME, checkpoint_step
+from cpuft.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    UserError,
+    first_line,
+)
 
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 ORPHAN_STOP_SECONDS = 120  # how long an orphaned trainer gets to checkpoint after SIGTERM
+STORE_RETRY_SECONDS = (2, 4, 8, 16, 30)  # waits between tries of a store call before giving up
 
 
 @dataclass(frozen=True)
@@ -66,11 +79,16 @@ class BatchPaths:
         return self.state_dir / "logs" / f"{name}.log"
 
 
+class StoreUnreachable(RuntimeError):
+    """The queue's store did not answer a call the runner cannot do without; no job was changed."""
+
+
 @dataclass(frozen=True)
 class BatchOutcome:
     records: list[JobRecord]
     stopped_by_signal: bool
     max_failures: int
+    held_elsewhere: tuple[str, ...] = ()  # jobs whose lease a live scheduler on another machine holds
 
     @property
     def drained(self) -> bool:
@@ -81,7 +99,9 @@ class BatchOutcome:
     def exit_code(self) -> int:
         if self.stopped_by_signal:
             return EXIT_INTERRUPTED
-        return EXIT_RUN_FAILED if any(r.state == "failed" for r in self.records) else EXIT_OK
+        if any(r.state == "failed" for r in self.records):
+            return EXIT_RUN_FAILED
+        return EXIT_LOCKED if self.held_elsewhere else EXIT_OK
 
 
 class BatchRunner:
@@ -92,29 +112,45 @@ class BatchRunner:
         self.paths = paths
         self.log = log
         self.python = python
-        self.host = socket.gethostname()
+        self.host = current_host()
         self.store = StateStore(paths.database)
+        self.durable = None  # cpuft.batch.durable.QueueStore when the queue has a store
+        if queue.sync_to:
+            from cpuft.batch.durable import QueueStore
+
+            self.durable = QueueStore(queue.sync_to, self.host, warn=lambda m: self.log(f"warning: {m}"))
         self.child: subprocess.Popen | None = None
         self.stop_signal: int | None = None
         self._previous_handlers: dict[int, object] = {}
+        self._checkpoint_steps: dict[str, int] = {}  # newest complete stored checkpoint per job
+        self._held: dict[str, object] = {}  # job -> LeaseRecord of another host, not yet seen alive
+        self._held_alive: dict[str, object] = {}  # job -> LeaseRecord of a holder that renewed
+        self._lease_lost: str | None = None
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> BatchOutcome:
+        if self.durable is not None:
+            self._adopt_stored_state()
         for name in self.store.sync([(j.name, str(j.run_dir), j.config_sha) for j in self.queue.jobs]):
             self.log(f"job {name}: its config changed since it failed; queued again with a fresh failure count")
         self._install_signal_handlers()
         try:
             self._recover_stale_jobs()
+            self._publish()
             while self.stop_signal is None:
                 job = self._next_job()
                 if job is None:
+                    if self._held and self._wait_for_held_jobs():
+                        continue
                     break
                 self._run_job(job)
         finally:
             self._restore_signal_handlers()
         records = self._queue_records()
-        return BatchOutcome(records, self.stop_signal is not None, self.queue.max_failures)
+        held = tuple(name for name in self._held_alive if any(r.name == name and r.runnable(self.queue.max_failures)
+                                                              for r in records))
+        return BatchOutcome(records, self.stop_signal is not None, self.queue.max_failures, held_elsewhere=held)
 
     def close(self) -> None:
         self.store.close()
@@ -124,8 +160,10 @@ class BatchRunner:
         return [r for r in self.store.all() if r.name in names]
 
     def _next_job(self) -> BatchJob | None:
-        """Queue order, but jobs that failed before go after those that have not."""
-        runnable = [r for r in self._queue_records() if r.runnable(self.queue.max_failures)]
+        """Queue order, but jobs that failed before go after those that have not; jobs another
+        machine holds wait."""
+        runnable = [r for r in self._queue_records() if r.runnable(self.queue.max_failures)
+                    and r.name not in self._held and r.name not in self._held_alive]
         if not runnable:
             return None
         best = min(runnable, key=lambda r: (r.failures, r.position))
@@ -136,28 +174,64 @@ class BatchRunner:
     def _run_job(self, job: BatchJob) -> None:
         if self.stop_signal is not None:
             return
+        if self.durable is None:
+            self._run_job_here(job, lease=None)
+            return
+        lease = self.durable.lease(job.name)
+        if not self._store_call(f"taking the lease of job {job.name}",
+                                lambda: lease.acquire(break_if=self.durable.holder_is_gone)):
+            holder = self._store_call(f"reading the lease of job {job.name}", lease.current)
+            self._held[job.name] = holder
+            if holder is not None:
+                until = time.strftime("%H:%M:%S", time.localtime(holder.expires_at))
+                self.log(f"job {job.name}: leased to {holder.host} ({holder.owner}, until {until}); left to it for now")
+            return
+        try:
+            self._run_job_here(job, lease)
+        finally:
+            if not lease.release():
+                self.log(f"warning: could not release the lease of job {job.name}; it expires by itself")
+
+    def _run_job_here(self, job: BatchJob, lease) -> None:
         resume_from, finished_summary = self._prepare_run_dir(job)
         if finished_summary is not None:
             self.store.mark_done_on_disk(job.name, finished_summary)
             self.log(f"job {job.name}: already finished in {job.run_dir}; recorded as done, not rerun")
+            self._publish()
             return
+        store_flags: list[str] = []
+        if self.durable is not None:
+            resume_from, finished_summary = self._prepare_from_store(job, resume_from)
+            if finished_summary is not None:
+                self.store.mark_done_on_disk(job.name, finished_summary)
+                self.log(f"job {job.name}: its store {self.durable.job_url(job.name)} holds the finished run;"
+                         " recorded as done, not rerun")
+                self._publish()
+                return
+            store_flags = ["--sync-to", self.durable.job_url(job.name)]
         previous = self.store.get(job.name)
         if previous.config_sha and previous.config_sha != job.config_sha and resume_from:
             self.log(f"job {job.name}: its config changed since the last attempt; resuming with the new values")
         record = self.store.start(job.name, os.getpid(), self.host, job.config_sha, resume_from)
+        self._publish()
 
         config_path = self.paths.job_config(job.name)
         atomic_write_text(config_path, yaml.safe_dump(job.config.to_dict(), sort_keys=False))
         command = [
             self.python, "-m", "cpuft", "sft", "--config", str(config_path),
-            "--output-dir", str(job.run_dir), "--no-progress",
+            "--output-dir", str(job.run_dir), "--no-progress", *store_flags,
         ] + (["--resume"] if resume_from else [])
         log_path = self.paths.job_log(job.name)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        how = f"resuming from {Path(resume_from).name}" if resume_from else "from scratch"
+        how = "from scratch"
+        if resume_from:
+            place, _, checkpoint = resume_from.rpartition("/")
+            how = f"resuming from {checkpoint}" + (" in the store" if place != str(job.run_dir) else "")
         self.log(f"job {job.name}: attempt {record.attempts}, {how} -> {job.run_dir} (log: {log_path})")
 
         started = time.monotonic()
+        self._lease_lost = None
+        keeper = None
         with open(log_path, "a") as log_file:
             log_file.write(f"\n=== cpuft batch: attempt {record.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')}:"
                            f" {shlex.join(command)}\n")
@@ -167,12 +241,24 @@ class BatchRunner:
             self.child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
             try:
                 self.store.set_child(job.name, self.child.pid)
+                if lease is not None:
+                    from cpuft.storage import LeaseKeeper
+
+                    keeper = LeaseKeeper(lease, on_lost=self._on_lease_lost,
+                                         warn=lambda m: self.log(f"warning: {m}")).start()
                 if self.stop_signal is not None:  # the signal came while the child was being started
                     self._forward_stop()
                 code = self.child.wait()
             finally:
+                if keeper is not None:
+                    keeper.stop()
                 self.child = None
+        if self.durable is not None:
+            self._refresh_checkpoint_step(job.name)
         self._record_exit(job, code, log_path, time.monotonic() - started)
+        if self._lease_lost is not None and self.store.get(job.name).runnable(self.queue.max_failures):
+            self._held[job.name] = None  # the wait at the end of the pass finds out who holds it now
+        self._publish()
 
     def _record_exit(self, job: BatchJob, code: int, log_path: Path, seconds: float) -> None:
         summary = _read_summary(job.run_dir)
@@ -182,6 +268,13 @@ class BatchRunner:
             if summary.get("first_loss") is not None and summary.get("final_loss") is not None:
                 loss = f", loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
             self.log(f"job {job.name}: done in {seconds:.0f} s, {summary.get('steps', '?')} steps{loss}")
+        elif self._lease_lost is not None and code != EXIT_BAD_INPUT:
+            # We stopped it: another scheduler holds its lease now. Not a failure, and not a reason
+            # for this runner to stop (exit 75 stays reserved for a signal to the runner).
+            self.store.finish(job.name, "preempted", code, summary=summary or None,
+                              error=f"stopped because its lease was lost: {self._lease_lost}")
+            self.log(f"job {job.name}: stopped at step {summary.get('steps', '?')}: its lease was lost"
+                     f" ({self._lease_lost})")
         elif code == EXIT_INTERRUPTED or (self.stop_signal is not None and code != EXIT_BAD_INPUT):
             # A child stopped before its signal handler was installed dies of the signal itself;
             # we asked it to stop, so that is a preemption too (it resumes from its last checkpoint).
@@ -214,10 +307,102 @@ class BatchRunner:
         checkpoint = last_complete_checkpoint(run_dir, log=self.log)
         if checkpoint is not None and (run_dir / "config.yaml").is_file():
             return str(checkpoint), None
+        self._set_aside(job, "has no checkpoint to resume from (starting afresh)")
+        return None, None
+
+    def _set_aside(self, job: BatchJob, why: str) -> None:
+        run_dir = job.run_dir
         aside = run_dir.with_name(f"{run_dir.name}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(run_dir, aside)
-        self.log(f"job {job.name}: {run_dir} has no checkpoint to resume from; moved it to {aside}, starting afresh")
-        return None, None
+        self.log(f"job {job.name}: {run_dir} {why}; moved it to {aside}")
+
+    # ------------------------------------------------------------------ the store
+
+    def _prepare_from_store(self, job: BatchJob, local_checkpoint: str | None) -> tuple[str | None, dict | None]:
+        """(checkpoint to resume from, summary if the store holds the finished run), where the
+        store's newest complete checkpoint wins over an older (or no) local one."""
+        job_store = self.durable.job_store(job.name)
+        summary = self._store_call(f"reading the store of job {job.name}",
+                                   lambda: self.durable.completed_summary(job_store))
+        if summary is not None:
+            return None, summary
+        newest = self._store_call(f"listing the checkpoints of job {job.name}",
+                                  lambda: self.durable.newest_checkpoint(job_store))
+        if newest is None:
+            return local_checkpoint, None
+        self._checkpoint_steps[job.name] = newest.step
+        local_step = checkpoint_step(Path(local_checkpoint).name) if local_checkpoint else None
+        if local_step is not None and local_step >= newest.step:
+            return local_checkpoint, None
+        if job.run_dir.is_dir() and any(job.run_dir.iterdir()):
+            self._set_aside(job, f"is behind its store ({newest.name} there); `cpuft sft --resume` restores from the store")
+        return f"{job_store.url}/{newest.name}", None
+
+    def _refresh_checkpoint_step(self, name: str) -> None:
+        try:
+            newest = self.durable.newest_checkpoint(self.durable.job_store(name))
+        except Exception as exc:  # only the snapshot's figure goes stale
+            self.log(f"warning: cannot list the stored checkpoints of job {name} ({type(exc).__name__}: {first_line(exc)})")
+            return
+        if newest is not None:
+            self._checkpoint_steps[name] = newest.step
+
+    def _adopt_stored_state(self) -> None:
+        """Take the rows of the store's snapshot that are newer than ours (a new VM: all of them)."""
+        records, steps = self._store_call("reading the queue state", self.durable.read_snapshot)
+        names = {j.name: str(j.run_dir) for j in self.queue.jobs}
+        adopted = self.store.adopt([r for r in records if r.name in names], names)
+        self._checkpoint_steps.update({n: s for n, s in steps.items() if n in names})
+        if adopted:
+            states = ", ".join(f"{r.name} {r.state}" for r in self._queue_records() if r.name in adopted)
+            self.log(f"took the state of {len(adopted)} job(s) from {self.durable.url}: {states}")
+
+    def _publish(self) -> None:
+        if self.durable is not None:
+            self.durable.publish(self._queue_records(), self._checkpoint_steps)
+
+    def _store_call(self, what: str, call):
+        """`call()`, tried again with backoff while the store does not answer; StoreUnreachable
+        after the last try (bad input, UserError, is raised at once)."""
+        for attempt, wait in enumerate((*STORE_RETRY_SECONDS, None)):
+            try:
+                return call()
+            except UserError:
+                raise
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                if wait is None or self.stop_signal is not None:
+                    raise StoreUnreachable(f"{what} in {self.durable.url} failed {attempt + 1} times ({reason})") from None
+                self.log(f"warning: {what} in {self.durable.url} failed ({reason}); trying again in {wait} s")
+                time.sleep(wait)
+
+    def _wait_for_held_jobs(self) -> bool:
+        """Watch the leases of the jobs left to other machines: True as soon as one is released or
+        expires (take it over), False once every holder has renewed (each runs its job) or on a signal."""
+        self.log(f"waiting to see whether the holders of {', '.join(sorted(self._held))} are alive"
+                 " (a live one renews its lease, a dead one lets it expire)")
+        from cpuft.batch.durable import HELD_POLL_SECONDS
+
+        while self.stop_signal is None and self._held:
+            time.sleep(HELD_POLL_SECONDS)
+            for name, seen in list(self._held.items()):
+                current = self._store_call(f"reading the lease of job {name}", self.durable.lease(name).current)
+                if current is None or not current.live(time.time()) or self.durable.holder_is_gone(current):
+                    del self._held[name]
+                    self.log(f"job {name}: its lease was released or has expired; taking the job over")
+                    return True
+                if seen is None or (current.owner, current.generation) != (seen.owner, seen.generation):
+                    del self._held[name]
+                    self._held_alive[name] = current
+                    self.log(f"job {name}: {current.host} renewed its lease, so it is alive and runs the job;"
+                             " leaving it to it")
+        return False
+
+    def _on_lease_lost(self, reason: str) -> None:
+        """From the lease keeper's thread: another scheduler may take the job; stop our trainer."""
+        self._lease_lost = reason
+        self.log(f"warning: {reason}; asking the trainer to checkpoint and stop")
+        self._forward_stop()
 
     # ------------------------------------------------------------------ stale jobs
 
@@ -320,16 +505,6 @@ def _last_error(log_path: Path) -> str | None:
     return lines[-1][:500] if lines else None
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _is_trainer(pid: int, run_dir: str) -> bool:
     """Is `pid` still the `cpuft sft` child for this run (and not a recycled PID)?"""
     try:
@@ -346,7 +521,7 @@ def _stop_orphan(pid: int) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + ORPHAN_STOP_SECONDS
-    while time.monotonic() < deadline and _process_alive(pid):
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.5)
-    if _process_alive(pid):
+    if process_alive(pid):
         os.kill(pid, signal.SIGKILL)

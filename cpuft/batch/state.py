@@ -6,8 +6,9 @@ States:
     done       finished; summary figures copied from the run's summary.json
     failed     the run failed; `retryable` says whether another attempt may help (exit 2, bad
                input, is not retried) and `failures` counts failed runs against max_failures
-    preempted  stopped by a signal after a checkpoint, or left 'running' by a scheduler that died;
-               the next start resumes it from its last checkpoint
+    preempted  stopped by a signal after a checkpoint, or left 'running' by a scheduler that died
+               (here, or on another machine as the queue's stored snapshot shows); the next start
+               resumes it from its last checkpoint
 
 Every transition is one `BEGIN IMMEDIATE` transaction that first checks the current state, so two
 processes can never both move a job to 'running': the second gets `StateConflict`. SQLite's
@@ -31,7 +32,7 @@ STATES = ("queued", "running", "done", "failed", "preempted")
 # new state -> states it may be entered from
 ALLOWED_FROM = {
     "running": ("queued", "preempted", "failed"),
-    "done": ("running", "queued", "preempted"),  # the latter two: found finished on disk
+    "done": ("running", "queued", "preempted", "failed"),  # the last three: found finished on disk or in the store
     "failed": ("running",),
     "preempted": ("running",),
     "queued": ("failed",),
@@ -188,9 +189,44 @@ class StateStore:
         return self._move(name, state, ("running",), **extra)
 
     def mark_done_on_disk(self, name: str, summary: dict) -> JobRecord:
-        """A run that completed but whose scheduler died before recording it: done, not rerun."""
-        return self._move(name, "done", ("queued", "preempted"), summary=json.dumps(summary, default=str), finished_at=time.time(),
-                          last_error=None, child_pid=None)
+        """A run that completed but whose scheduler died before recording it (or that another
+        machine finished, as its store shows): done, not rerun."""
+        return self._move(name, "done", ("queued", "preempted", "failed"), summary=json.dumps(summary, default=str),
+                          finished_at=time.time(), last_error=None, child_pid=None)
+
+    def adopt(self, records: list[JobRecord], run_dirs: dict[str, str]) -> list[str]:
+        """Take each row that is newer (`updated_at`) than ours, e.g. from the queue's snapshot in
+        its store (cpuft.batch.durable); returns the names taken.
+
+        Our own 'running' rows are never replaced (recovering them is the runner's job). A row
+        another scheduler left 'running' comes in as 'preempted': it resumes from its last stored
+        checkpoint, and the job's lease keeps it from running twice. Position and run directory
+        stay ours (`run_dirs`: this machine's run directory per job name).
+        """
+        adopted = []
+        with self.transaction() as db:
+            for record in records:
+                ours = db.execute("SELECT state, position, run_dir, updated_at FROM jobs WHERE name = ?",
+                                  (record.name,)).fetchone()
+                if ours is not None and (ours["state"] == "running" or ours["updated_at"] >= (record.updated_at or 0)):
+                    continue
+                state, note = record.state, record.last_error
+                if state == "running":
+                    state = "preempted"
+                    note = (f"running on {record.host} when the queue state was stored; resumes from"
+                            " its last stored checkpoint")
+                db.execute(
+                    "INSERT OR REPLACE INTO jobs (name, position, state, attempts, failures, retryable, run_dir,"
+                    " config_sha, runner_pid, child_pid, host, exit_code, last_error, summary, resumed_from,"
+                    " started_at, finished_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.name, ours["position"] if ours else record.position, state, record.attempts,
+                     record.failures, int(record.retryable),
+                     run_dirs.get(record.name, ours["run_dir"] if ours else record.run_dir), record.config_sha,
+                     record.host, record.exit_code, note, json.dumps(record.summary, default=str),
+                     record.resumed_from, record.started_at, record.finished_at, record.updated_at or time.time()),
+                )
+                adopted.append(record.name)
+        return adopted
 
     def recover_stale(self, name: str, reason: str) -> JobRecord:
         """running (its scheduler is gone) -> preempted, so the next pick resumes it."""

@@ -61,7 +61,7 @@ def run_bench(options: BenchOptions, log=print) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     train_path, eval_path, data_note = write_bench_data(
         work, size.train_rows, size.eval_samples, options.dataset, options.seed, size.median_reply_words)
-    model_dir = _bench_model(work, options.size, size, log)
+    model_dir = bench_model(work, options.size, size, log)
 
     log(f"measuring GEMM peak ({threads} threads)...")
     tokens_per_microbatch = size.batch_size * size.max_length // 2
@@ -112,7 +112,7 @@ def _checked_size(options: BenchOptions) -> BenchSize:
     return size
 
 
-def _bench_model(work: Path, size_name: str, size: BenchSize, log) -> Path:
+def bench_model(work: Path, size_name: str, size: BenchSize, log) -> Path:
     """The size's random-init model, its BPE trained on synthetic text; rebuilt only when its spec changes."""
     from cpuft.testing.tiny_model import build_tiny_model
 

@@ -22,7 +22,7 @@ from cpuft.bench.sizes import (
 
 # The keys whose median over repeats is the variant's number.
 MEDIAN_KEYS = ("tokens_per_second", "median_step_seconds", "train_seconds", "peak_rss_bytes", "final_loss",
-               "eval_loss", "padding_fraction", "achieved_flops_per_second")
+               "eval_loss", "padding_fraction", "achieved_flops_per_second", "planned_train_seconds")
 
 
 def median_run(results: list[dict]) -> dict:
@@ -83,8 +83,16 @@ def build_report(command: str, size_name: str, size, machine, gemm: dict, runs: 
         "peak_rss_ratio_vs_trl_defaults": ratio("cpuft", "trl_defaults", "peak_rss_bytes"),
         "bf16_speedup_vs_fp32": ratio("cpuft", "cpuft_fp32", "tokens_per_second"),
         "cpuft_mfu_vs_measured_gemm": variants.get("cpuft", {}).get("mfu_vs_measured_gemm"),
+        # The time plan `cpuft sft` printed over the training seconds it then took (1.0 = exact).
+        "cpuft_planned_vs_measured_train_seconds": _plan_ratio(variants.get("cpuft")),
         "variants": variants,
     }
+
+
+def _plan_ratio(run: dict | None) -> float | None:
+    if not run or not run.get("planned_train_seconds") or not run.get("train_seconds"):
+        return None
+    return run["planned_train_seconds"] / run["train_seconds"]
 
 
 def write_bench_chart(report: dict, path: Path) -> None:
@@ -144,6 +152,10 @@ def format_bench_table(report: dict) -> str:
     if report.get("speedup_vs_best_trl") is not None:
         lines.append(f"{'speedup_vs_best_trl':<34} {report['speedup_vs_best_trl']:.2f}x"
                      f"  (fastest TRL variant: {report['best_trl_variant']})")
+    if report.get("cpuft_planned_vs_measured_train_seconds"):
+        cpuft = report["variants"]["cpuft"]
+        lines.append(f"{'time plan vs measured (cpuft)':<34} {cpuft['planned_train_seconds']:.0f} s planned,"
+                     f" {cpuft['train_seconds']:.0f} s trained: {report['cpuft_planned_vs_measured_train_seconds']:.2f}x")
     for key in ("eval_loss_rel_diff_vs_best_trl", "peak_rss_ratio_vs_best_trl", "speedup_vs_trl_tuned", "speedup_vs_trl_defaults", "eval_loss_rel_diff_vs_trl_tuned",
                 "peak_rss_ratio_vs_trl_tuned", "bf16_speedup_vs_fp32"):
         if report.get(key) is not None:

@@ -82,6 +82,7 @@ def cpuft_trainer(spec: dict, force_fp32: bool):
         lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
         lora_target_modules=spec["lora_target_modules"], save_steps=spec["steps"] + 1,
         device="cpu", dtype="fp32" if force_fp32 else "auto",
+        loss_on="all",  # the TRL variants train every token: same tokens, same loss, comparable
     )
     recipe = SFTRecipe(config, probe_machine(), show_progress=False, log=lambda *a, **k: None)
     recipe.setup()
@@ -90,7 +91,10 @@ def cpuft_trainer(spec: dict, force_fp32: bool):
     plan = recipe.plan
     plan_facts = {"compute_dtype": plan.compute_dtype, "gradient_checkpointing": plan.gradient_checkpointing,
                   "threads": plan.threads, "sampling": trainer.args.train_sampling_strategy,
-                  "packing": plan.packing, "torch_compile": bool(trainer.args.torch_compile)}
+                  "packing": plan.packing, "torch_compile": bool(trainer.args.torch_compile),
+                  # The time plan `cpuft sft` printed, against which the bench's train_seconds is checked.
+                  "planned_train_seconds": recipe.time_estimate.total_seconds if recipe.time_estimate else None,
+                  "planned_parts_seconds": recipe.time_estimate.parts_seconds if recipe.time_estimate else None}
     # The base model as loaded, before SFTTrainer injected the LoRA layers.
     return trainer, asdict(recipe.model_facts), plan_facts
 

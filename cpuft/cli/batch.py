@@ -7,10 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from cpuft.errors import UserError
-
-# sysexits' EX_CANTCREAT: another scheduler holds the queue's lock; nothing was done.
-EXIT_LOCKED = 73
+from cpuft.batch.lock import EXIT_LOCKED
+from cpuft.errors import EXIT_RUN_FAILED, UserError
 
 EPILOG = """\
 The queue file is YAML: a list of named jobs, each a `cpuft sft` config (same keys as --config),
@@ -31,12 +29,20 @@ failed ones up to max_failures; one job's failure does not stop the others. SIGT
 preemption notice) makes the running job checkpoint and the runner exit 75; the next `run`
 resumes it. A job left 'running' by a scheduler that was killed is resumed the same way.
 
-Exit status of `run`: 0 all jobs done; 1 some job failed for good; 2 bad queue file (nothing run);
-73 another scheduler is running this queue; 75 stopped by a signal (run again to resume).
+`run --sync-to URL` (or `sync_to:` in the queue file; the flag wins) keeps the queue's state in
+URL/queue-state.json and each job's run in URL/jobs/<name>, and runs each job under a lease in
+URL/leases/<name>: a new VM with the same queue file and URL (its disk empty) skips what is done,
+resumes the rest from their stored checkpoints and keeps the failure counts; a job another live
+machine holds is left to it. $CPUFT_HOST names this machine in leases (default: its host name).
+
+Exit status of `run`: 0 all jobs done; 1 some job failed for good (or the store stopped
+answering); 2 bad queue file or unusable store (nothing run); 73 another scheduler is running this
+queue, or every job left is leased to another machine; 75 stopped by a signal (run again to resume).
 
 examples:
   cpuft batch check queue.yaml
   cpuft batch run queue.yaml
+  cpuft batch run queue.yaml --sync-to gs://my-bucket/queues/q1
   cpuft batch status queue.yaml --json
   cpuft batch install-timer queue.yaml --every 15min --shutdown-when-done
 """
@@ -64,6 +70,9 @@ def register(subparsers) -> None:
     check.set_defaults(handler=run_check)
 
     run = queue_parser("run", "run every job that is not done yet; resume preempted ones")
+    run.add_argument("--sync-to", metavar="URL", default=None,
+                     help="keep the queue's state and every job's run in this store (gs://bucket/path, s3://...,"
+                     " a directory) so a new machine carries on; overrides the queue file's sync_to")
     _add_shutdown_arguments(run)
     run.set_defaults(handler=run_queue)
 
@@ -110,7 +119,9 @@ def run_check(args) -> int:
     from cpuft.batch.queue import load_queue
 
     queue = load_queue(args.queue)
-    print(f"{queue.path}: {len(queue.jobs)} job(s), max_failures {queue.max_failures}; state in {_paths(args, queue.path).state_dir}")
+    stored = f", stored in {queue.sync_to}" if queue.sync_to else ""
+    print(f"{queue.path}: {len(queue.jobs)} job(s), max_failures {queue.max_failures}; state in"
+          f" {_paths(args, queue.path).state_dir}{stored}")
     for job in queue.jobs:
         c = job.config
         print(f"  {job.name}: model {c.model}, dataset {c.dataset}, max_steps {c.max_steps} -> {job.run_dir}")
@@ -120,9 +131,13 @@ def run_check(args) -> int:
 def run_queue(args) -> int:
     from cpuft.batch.lock import QueueLock, QueueLocked
     from cpuft.batch.queue import load_queue
-    from cpuft.batch.runner import BatchRunner, run_shutdown
+    from cpuft.batch.runner import BatchRunner, StoreUnreachable, run_shutdown
 
-    queue = load_queue(args.queue)  # every job validated before anything is touched
+    queue = load_queue(args.queue).with_sync_to(args.sync_to)  # every job validated before anything is touched
+    if queue.sync_to:
+        from cpuft.batch.durable import check_queue_store
+
+        check_queue_store(queue.sync_to)  # UserError (exit 2) before anything runs
     paths = _paths(args, queue.path)
     lock = QueueLock(paths.lock)
     try:
@@ -134,6 +149,10 @@ def run_queue(args) -> int:
         runner = BatchRunner(queue, paths, log=lambda message: print(f"cpuft batch: {message}", flush=True))
         try:
             outcome = runner.run()
+        except StoreUnreachable as exc:
+            print(f"cpuft batch: stopped: {exc}. Every job keeps its state; run again when the store answers.",
+                  file=sys.stderr, flush=True)
+            return EXIT_RUN_FAILED
         finally:
             runner.close()
     finally:
@@ -143,6 +162,8 @@ def run_queue(args) -> int:
         counts[record.state] = counts.get(record.state, 0) + 1
     print(f"cpuft batch: {', '.join(f'{n} {s}' for s, n in counts.items()) or 'no jobs'}"
           f" (`cpuft batch status {args.queue}` for details)", flush=True)
+    if outcome.held_elsewhere:
+        print(f"cpuft batch: left to schedulers on other machines: {', '.join(outcome.held_elsewhere)}", flush=True)
     if outcome.drained and args.shutdown_when_done:
         run_shutdown(args.shutdown_command or "shutdown -h now", log=lambda m: print(f"cpuft batch: {m}", flush=True))
     return outcome.exit_code

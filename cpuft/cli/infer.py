@@ -18,23 +18,36 @@ from cpuft.errors import UserError
 MODEL_HELP = """\
 --model takes: a cpuft run directory (uses its adapter/), an adapter directory (adapter/ or
 checkpoint-N/), a merged model directory (`cpuft merge`), or any causal LM directory / Hub id.
-An adapter's base model is the one recorded in its adapter_config.json unless --base is given.
+Any adapter `cpuft sft` trains loads: LoRA, LoHa, LoKr, IA3, AdaLoRA, prompt tuning, prefix
+tuning, p-tuning. An adapter's base model is the one recorded in its adapter_config.json unless
+--base is given.
 
 Precision: --dtype auto picks fp32 on AVX2-only CPUs and bf16 on AMX / AVX-512-BF16 CPUs and
-GPUs. --int8 quantises the linear layers for CPU inference (the adapter is merged first) with
-the method measured fastest for this CPU kind (docs/int8.md), or --int8-method's; a method whose
-int8 layers take fp32 activations only (torch-dynamic) runs in fp32 where the plan picks bf16,
-and says so. --nf4 loads the base in 4 bits with bitsandbytes (the CUDA path; runs on x86 CPUs
-too, slowly).
+GPUs. --int8 quantises the linear layers for CPU inference (the adapter is merged first; prompt,
+prefix and p-tuning adapters cannot be, so only the base is int8) with the method measured
+fastest for this CPU kind (docs/int8.md), or --int8-method's; a method whose int8 layers take
+fp32 activations only (torch-dynamic) runs in fp32 where the plan picks bf16, and says so. --nf4
+loads the base in 4 bits with bitsandbytes (the CUDA path; runs on x86 CPUs too, slowly; not
+with LoHa or LoKr adapters).
 """
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, model_positional: bool = False, merge_option: bool = True) -> None:
+    """The flags that name and load a model, shared by generate, chat, eval and `cpuft serve`.
+
+    `model_positional`: MODEL is a positional argument (serve) instead of --model; either way it
+    lands in `args.model`. `merge_option=False` leaves out --merge (serve always merges).
+    """
     from cpuft.inference.int8 import INT8_METHODS
 
+    model_help = "run dir, adapter dir, merged model dir or Hub id"
+    if model_positional:
+        parser.add_argument("model", metavar="MODEL", help=model_help)
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="run dir, adapter dir, merged model dir or Hub id")
+    if not model_positional:
+        group.add_argument("--model", required=True, help=model_help)
     group.add_argument("--base", default=None, help="base model for an adapter (default: recorded in the adapter)")
+    add_hub_arguments(group)
     group.add_argument("--device", default="auto", choices=values(DeviceRequest), help="where to run (default %(default)s)")
     group.add_argument("--dtype", default="auto", choices=values(DtypeRequest), help="weights/compute dtype (default %(default)s)")
     group.add_argument("--int8", action="store_true", help="int8 linear layers on CPU, with the method measured best for this CPU")
@@ -43,8 +56,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"use this int8 method instead (implies --int8): {', '.join(INT8_METHODS)}",
     )
     group.add_argument("--nf4", action="store_true", help="4-bit NF4 base weights (bitsandbytes), adapter on top")
-    group.add_argument("--merge", action="store_true", help="fold the adapter into the weights after loading (faster per token)")
+    if merge_option:
+        group.add_argument("--merge", action="store_true", help="fold the adapter into the weights after loading (faster per token)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+
+
+def add_hub_arguments(group) -> None:
+    """--revision and --trust-remote-code, for every command that loads a model from the Hub."""
+    group.add_argument("--revision", default=None, metavar="REV",
+                       help="Hub branch, tag or commit of the model (default: the one an adapter records, else main)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="run the Python code a model repository ships (off by default: it runs on this machine)")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -72,7 +94,7 @@ examples:
     generate.add_argument("prompt", help="the prompt; '-' reads it from stdin")
     generate.add_argument("--system", default=None, help="system message to put before the prompt")
     generate.add_argument("--raw", action="store_true", help="continue the text as is, without the chat template")
-    _add_model_arguments(generate)
+    add_model_arguments(generate)
     _add_generation_arguments(generate, max_new_tokens=128)
     generate.set_defaults(handler=run_generate)
 
@@ -86,7 +108,7 @@ examples:
     )
     chat.add_argument("--system", default=None, help="system message for the whole conversation")
     chat.add_argument("--max-history-tokens", type=int, default=2048, help="drop the oldest turns beyond this context (default %(default)s)")
-    _add_model_arguments(chat)
+    add_model_arguments(chat)
     _add_generation_arguments(chat, max_new_tokens=256)
     chat.set_defaults(handler=run_chat)
 
@@ -114,11 +136,11 @@ examples:
     evaluate.add_argument("--data-seed", type=int, default=None, help="split seed (default: the run's, else 42)")
     evaluate.add_argument("--max-length", type=int, default=None, help="truncate rows to this many tokens (default: the run's, else 512)")
     evaluate.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default %(default)s)")
-    evaluate.add_argument("--assistant-only", action="store_true", help="score assistant turns only (default: every token, like the trainer)")
+    evaluate.add_argument("--assistant-only", action="store_true", help="score the assistant replies only, masked as `cpuft sft --loss-on assistant` trains them (default: every token)")
     evaluate.add_argument("--generations", type=int, default=8, help="sample generations to write (default %(default)s; 0 for none)")
     evaluate.add_argument("--out", default=None, help="output directory (replaced atomically)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model_arguments(evaluate)
+    add_model_arguments(evaluate)
     _add_generation_arguments(evaluate, max_new_tokens=64)
     evaluate.set_defaults(handler=run_eval)
 
@@ -142,7 +164,7 @@ def load_model_from_args(args, quiet: bool = False, machine=None):
     plan = plan_for(machine, PlanRequest(device=device, dtype=args.dtype, quant="none", threads=args.threads))
     if plan.device == "cpu":
         torch.set_num_threads(plan.threads)
-    source = resolve_source(args.model, base=args.base)
+    source = resolve_source(args.model, base=args.base, revision=args.revision, trust_remote_code=args.trust_remote_code)
     loaded = load_for_inference(
         source, dtype=plan.compute_dtype, device=plan.device, int8=int8, nf4=args.nf4, merge=args.merge,
     )

@@ -1,7 +1,8 @@
 """`cpuft plan`: memory, time and cost of a fine-tuning run, from the model's config alone.
 
 Takes every `cpuft sft` flag (and --config), so the plan it prints is the one `cpuft sft` would
-check before loading weights; adds --method (full/lora/qlora), --tokens, --utilization and --json.
+check before loading weights; adds --method (full/lora/qlora), --tokens, --utilization and --json,
+and plans the DDP world `cpuft sft --nproc-per-node N [--nnodes M]` would run (the same flags).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cpuft.cli.sft import add_world_arguments
 from cpuft.config.cli_args import (
     PASS_THROUGH_EPILOG,
     add_config_arguments,
@@ -26,12 +28,17 @@ Time: tokens per epoch (from --dataset through the chat template, truncated to -
 --tokens N) x FLOPs per token / (FLOP/s x utilisation). FLOP/s is a matmul measured here, or the
 declared peak of --machine-type; cost uses that type's hourly on-demand and spot prices.
 
+More than one process (--nproc-per-node N, --nnodes M, as for `cpuft sft`): threads and batch are
+per rank, memory per rank and per node (every rank holds a full model copy), the time is one
+rank's share of the tokens, and the gradient all-reduce per optimizer step is estimated.
+
 Exit status: 0 (also when the run would not fit: read 'fits' in --json); 2 bad input.
 
 examples:
   cpuft plan --model models/tiny --dataset sample
   cpuft plan --model ./llama-7b --method qlora --machine-type c3-standard-44 --tokens 2000000
   cpuft plan --model ./llama-7b --method full --per-device-batch-size 1 --json
+  cpuft plan --model ./llama-7b --machine-type c3-standard-44 --nproc-per-node 2 --nnodes 2
   cpuft plan --list-machine-types
 
 """ + PASS_THROUGH_EPILOG
@@ -60,6 +67,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print machine, plan, memory and time as JSON")
     parser.add_argument("--list-machine-types", action="store_true", help="list the declared GCP machine types and exit")
+    add_world_arguments(parser, launch=False)
     add_config_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -78,7 +86,8 @@ def run(args) -> int:
     config = resolve_config(args.config, cli_values)
     known_machine_type(config)
     dataset_given = "dataset" in cli_values or (args.config and "dataset" in read_config_file(args.config))
-    report = build_report(config, args.method, args.tokens, args.utilization, dataset_given)
+    report = build_report(config, args.method, args.tokens, args.utilization, dataset_given,
+                          args.nproc_per_node, args.nnodes)
     if args.json:
         print(json.dumps(report["json"], indent=2, default=str))
     else:
@@ -86,8 +95,12 @@ def run(args) -> int:
     return 0
 
 
-def build_report(config, method: str, tokens: int | None, utilization: float | None, dataset_given: bool) -> dict:
-    """Plan, memory and time for `config` (a resolved SFTJobConfig); {'text': ..., 'json': ...}."""
+def build_report(
+    config, method: str, tokens: int | None, utilization: float | None, dataset_given: bool,
+    nproc_per_node: str = "1", nnodes: int = 1,
+) -> dict:
+    """Plan, memory and time for `config` (a resolved SFTJobConfig) run by `nproc_per_node`
+    ('auto' or N) x `nnodes` processes; {'text': ..., 'json': ...}."""
     from dataclasses import replace
 
     from cpuft.hardware.probe import probe_machine
@@ -95,12 +108,13 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
     from cpuft.planning.architecture import architecture_facts
     from cpuft.planning.cloud import planned_epochs, time_for_run
     from cpuft.planning.fit import plan_job
-    from cpuft.planning.plan import with_architecture
     from cpuft.planning.report import format_env_table
+    from cpuft.train.distributed import world_from_flags
 
     machine_type = known_machine_type(config)
     machine = machine_type.as_machine() if machine_type else probe_machine()
-    model_config = read_model_config(config.model)
+    ranks_per_node, nodes = world_from_flags(nproc_per_node, nnodes, machine.numa_nodes)
+    model_config = read_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
     shape = _shape(model_config, config.model)
     if method == "qlora" and config.quant in ("auto", "none"):
         config = replace(config, quant="nf4")
@@ -108,10 +122,12 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
         if config.quant not in ("auto", "none"):
             raise UserError("--method full trains every weight and cannot use a quantised base (--quant); use --method qlora.")
         config = replace(config, quant="none")
-    fitted = plan_job(machine, config, shape, training="full" if method == "full" else "adapter",
-                      where=machine_type.name if machine_type else None)
+    fitted = plan_job(
+        machine, config, shape, training="full" if method == "full" else "adapter",
+        where=machine_type.name if machine_type else None, ranks_per_node=ranks_per_node, nodes=nodes,
+        architecture=architecture_facts(model_config, config.attn_implementation, config.lora_target_modules),
+    )
     plan, settings, memory = fitted.plan, fitted.settings, fitted.memory
-    plan = with_architecture(plan, architecture_facts(model_config, config.attn_implementation, config.lora_target_modules))
 
     time_estimate, time_note = None, None
     token_count, mean_seq_len = tokens, float(config.max_length)
@@ -122,19 +138,35 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
             if dataset_given:
                 raise
             time_note = f"time not estimated: the default dataset is unavailable ({exc}); pass --dataset or --tokens N"
+    step_seconds = None
     if token_count is not None:
+        # Each rank trains 1/world of the tokens, in parallel: one rank's share is the run's time.
+        rank_tokens = token_count / plan.world_size
         epochs = planned_epochs(
-            config.max_steps, plan.effective_batch_size, token_count / mean_seq_len, config.num_train_epochs
+            config.max_steps, plan.effective_batch_size, rank_tokens / mean_seq_len, config.num_train_epochs
         )
         time_estimate = time_for_run(
-            shape, settings, memory.trainable_params, token_count, epochs, mean_seq_len,
+            shape, settings, memory.trainable_params, round(rank_tokens), epochs, mean_seq_len,
             machine_type, plan.threads, utilization, datasheet_flops=plan.peak_flops,
+            model_config=model_config, gradient_accumulation_steps=plan.gradient_accumulation_steps,
+            packed=plan.packing, cpu_lm_head=plan.cpu_lm_head,
+            allreduce_seconds_per_step=plan.allreduce.seconds if plan.allreduce else 0.0,
         )
+        step_seconds = time_estimate.seconds_per_epoch / max(1.0, token_count / mean_seq_len / plan.global_batch_size)
 
     where = machine_type.name if machine_type else "this machine"
     text = [f"cpuft plan for {config.model} on {where}", "", format_env_table(machine, plan), "", memory.format()]
     text.append("")
     text.append(time_estimate.format() if time_estimate else time_note)
+    if plan.allreduce is not None:
+        text.append(plan.allreduce.line(step_seconds))
+    # The time estimate prices one machine; every node bills for the run's hours.
+    all_nodes = None
+    if time_estimate and plan.nodes > 1 and time_estimate.cost_on_demand is not None:
+        all_nodes = {"nodes": plan.nodes, "on_demand": time_estimate.cost_on_demand * plan.nodes,
+                     "spot": time_estimate.cost_spot * plan.nodes if time_estimate.cost_spot is not None else None}
+        spot = f", spot ${all_nodes['spot']:,.2f}" if all_nodes["spot"] is not None else ""
+        text.append(f"cost of all {plan.nodes} machines: on-demand ${all_nodes['on_demand']:,.2f}{spot}")
     return {
         "text": "\n".join(text),
         "json": {
@@ -145,6 +177,7 @@ def build_report(config, method: str, tokens: int | None, utilization: float | N
             "memory": memory.to_dict(),
             "time": time_estimate.to_dict() if time_estimate else None,
             "time_note": time_note,
+            "cost_usd_all_nodes": all_nodes,
         },
     }
 
@@ -178,17 +211,23 @@ def _shape(model_config, model: str):
 def _count_dataset_tokens(config) -> tuple[int, float]:
     from transformers import AutoTokenizer
 
+    from cpuft.data.chat_template import install_default_chat_template
     from cpuft.data.prepare import prepare_dataset
+    from cpuft.modeling import pretrained_kwargs
     from cpuft.planning.cloud import tokens_per_epoch
 
     data = prepare_dataset(
         config.dataset, row_format=config.dataset_format, split=config.dataset_split,
         eval_fraction=config.eval_fraction, max_samples=config.max_samples, seed=config.seed,
+        revision=config.dataset_revision,
     )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.model, **pretrained_kwargs(config.model, config.revision, config.trust_remote_code)
+        )
     except Exception as exc:
         raise UserError(f"cannot load the tokenizer of '{config.model}' to count tokens: {exc}; pass --tokens N.") from None
+    install_default_chat_template(tokenizer)  # what `cpuft sft` gives a base model (no-op with a template)
     return tokens_per_epoch(data.train, tokenizer, config.max_length)
 
 

@@ -22,8 +22,9 @@ API_KEY_ENV = "CPUFT_API_KEY"
 EPILOG = f"""\
 MODEL takes: a cpuft run directory (uses its adapter/, merged into the base at load), an adapter
 directory (adapter/ or checkpoint-N/), a merged model directory (`cpuft merge`), or any causal
-LM directory / Hub id. --dtype auto picks fp32 on AVX2-only CPUs, bf16 on AMX / AVX-512-BF16
-CPUs; --int8 quantises the linear layers (docs/int8.md).
+LM directory / Hub id. Every adapter `cpuft sft` trains loads; prompt, prefix and p-tuning
+adapters (virtual tokens) stay unmerged. --dtype auto picks fp32 on AVX2-only CPUs, bf16 on AMX /
+AVX-512-BF16 CPUs; --int8 quantises the linear layers (docs/int8.md).
 
 API (OpenAI's wire format; docs/serve.md lists the fields):
   POST /v1/chat/completions   messages -> reply; "stream": true for server-sent events
@@ -55,7 +56,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    from cpuft.inference.int8 import INT8_METHODS
+    from cpuft.cli.infer import add_model_arguments
 
     parser = subparsers.add_parser(
         "serve", help="serve a fine-tune over an OpenAI-compatible HTTP API",
@@ -63,16 +64,7 @@ def register(subparsers) -> None:
         description="Load the model once and answer /v1/chat/completions and /v1/completions"
         " (streamed or not), /v1/models and /health until interrupted (Ctrl-C).",
     )
-    parser.add_argument("model", metavar="MODEL", help="run dir, adapter dir, merged model dir or Hub id")
-    model = parser.add_argument_group("model")
-    model.add_argument("--base", default=None, help="base model for an adapter (default: recorded in the adapter)")
-    model.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default %(default)s)")
-    model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights/compute dtype (default %(default)s)")
-    model.add_argument("--int8", action="store_true", help="int8 linear layers on CPU, with the method measured best for this CPU")
-    model.add_argument("--int8-method", default=None, choices=list(INT8_METHODS), metavar="METHOD",
-                       help=f"use this int8 method instead (implies --int8): {', '.join(INT8_METHODS)}")
-    model.add_argument("--nf4", action="store_true", help="4-bit NF4 base weights (bitsandbytes), adapter on top")
-    model.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: physical cores)")
+    add_model_arguments(parser, model_positional=True, merge_option=False)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     server.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 picks a free one and prints it)")

@@ -52,26 +52,40 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="validate config, data and model, print the plan, do not train")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs and batch jobs)")
-    launch = parser.add_argument_group("more than one process (DDP through torchrun, gloo on CPU)")
-    launch.add_argument(
-        "--nproc-per-node", default="1", metavar="auto|N",
-        help="processes on this machine: auto = one per NUMA node when there is more than one (default 1)",
-    )
-    launch.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
-    launch.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
-    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address for the rendezvous (nnodes > 1)")
+    add_world_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(handler=run)
 
 
+def add_world_arguments(parser, launch: bool = True) -> None:
+    """--nproc-per-node and --nnodes, for `cpuft sft` and `cpuft plan` alike (checked by
+    cpuft.train.distributed.world_from_flags); with `launch`, torchrun's --node-rank and
+    --rdzv-endpoint too."""
+    group = parser.add_argument_group("more than one process (DDP through torchrun, gloo on CPU)")
+    group.add_argument(
+        "--nproc-per-node", default="1", metavar="auto|N",
+        help="processes on this machine: auto = one per NUMA node when there is more than one (default 1)",
+    )
+    group.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
+    if launch:
+        group.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
+        group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address for the rendezvous (nnodes > 1)")
+
+
 def run(args) -> int:
-    from cpuft.cli.plan import known_machine_type
-    from cpuft.hardware.probe import probe_machine
-    from cpuft.train.recipe import SFTRecipe
+    from cpuft.train.distributed import run_rank
 
     launched = _launch_ranks(args)
     if launched is not None:
         return launched
+    return run_rank(_train, args)  # on a torchrun rank, its error goes to the launcher
+
+
+def _train(args) -> int:
+    from cpuft.cli.plan import known_machine_type
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.train.recipe import SFTRecipe
+
     cli_values = config_values(args)
     base, origins = None, None
     if args.resume:
@@ -117,6 +131,11 @@ def run(args) -> int:
         f"done: {summary['steps']} steps in {summary['train_seconds']:.1f} s, {loss_line}{eval_line},"
         f" {summary['train_tokens_per_second']:.0f} tokens/s{mfu}, peak RSS {summary['peak_rss_mib']:.0f} MiB"
     )
+    if summary.get("stopped_early"):
+        print(f"early stopping: no lower eval loss in {config.early_stopping_patience} evaluation(s) in a row")
+    if summary.get("adapter_is_best_checkpoint"):
+        loss = f" (eval loss {summary['best_eval_loss']:.4f})" if summary.get("best_eval_loss") is not None else ""
+        print(f"best checkpoint: {summary['best_checkpoint']}{loss}; adapter/ holds its weights")
     print(f"adapter: {summary['adapter_dir']}  (summary: {result.run_dir / 'summary.json'})")
     sys.stdout.flush()
     return 0
@@ -164,8 +183,8 @@ def _launch_ranks(args) -> int | None:
     if distributed.inside_launcher():
         return None
     numa_nodes = len(distributed.numa_cpulists()) if args.nproc_per_node == "auto" else 1
-    nproc = distributed.processes_per_node(args.nproc_per_node, numa_nodes)
-    if nproc == 1 and args.nnodes == 1:
+    nproc, nnodes = distributed.world_from_flags(args.nproc_per_node, args.nnodes, numa_nodes)
+    if nproc == 1 and nnodes == 1:
         return None
     return distributed.launch(nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, _without_launch_flags(sys.argv[1:]))
 

@@ -19,6 +19,7 @@ the planner's, done by the commands before they write anything.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,12 @@ from typing import Any
 
 import yaml
 
-from cpuft.config import passthrough
+from cpuft.config import choices, passthrough
 from cpuft.config.choices import (
     DatasetFormat,
     DeviceRequest,
     DtypeRequest,
+    LossOn,
     OptimizerRequest,
     PeftMethod,
     QuantRequest,
@@ -62,6 +64,14 @@ def _peft_key(peft_field: str, text: str) -> Any:
 class SFTJobConfig:
     # What to train
     model: str = _key("base model: a local directory or a Hugging Face Hub id", DEFAULT_MODEL)
+    revision: str | None = _key(
+        "the Hub model's revision: a branch, tag or commit hash (default: main). Used for its config,"
+        " tokenizer and weights, recorded in adapter_config.json; a local directory has none", None,
+    )
+    trust_remote_code: bool = _key(
+        "let transformers run the Python code a model repository ships (auto_map in config.json):"
+        " only for code you trust, it runs on this machine", False, trl=True,
+    )
     dataset: str = _key(
         "training data: a Hub id (default GAIR/lima, gated: needs HF_TOKEN), a local"
         " .jsonl/.json/.parquet file, or 'sample' for the bundled LIMA-shaped sample",
@@ -69,6 +79,7 @@ class SFTJobConfig:
     )
     dataset_format: DatasetFormat = _key("row format; auto detects it from the first row's keys", "auto")
     dataset_split: str = _key("split to read from a Hub dataset", "train")
+    dataset_revision: str | None = _key("the Hub dataset's revision: a branch, tag or commit hash (default: main)", None)
     max_samples: int | None = _key("use only the first N rows, for quick experiments (default: all)", None)
     eval_fraction: float = _key("fraction of rows held out for evaluation (0 disables)", 0.05)
     output_dir: str | None = _key("run directory (default: runs/sft-<timestamp>)", None)
@@ -82,11 +93,14 @@ class SFTJobConfig:
     warmup_steps: float = _trl_key("warmup_steps", "warm-up: an int counts steps, a float < 1 is a fraction of the run")
     weight_decay: float = _key("AdamW weight decay", 0.0, trl=True)
     seed: int = _key("seed for init, data split and shuffling", 42, trl=True)
-    assistant_only_loss: bool = _key(
-        "train only on assistant turns (needs a chat template with {% generation %} markers)", False, trl=True
+    loss_on: LossOn = _key(
+        "which tokens of a conversation the loss counts: assistant (each reply and its end-of-turn"
+        " token, for any chat template; prompt/completion rows: the completion) or all; plain text"
+        " rows always train on every token",
+        "assistant",
     )
     optimizer: OptimizerRequest = _key(
-        "optimizer (SFTConfig's optim); auto is paged_adamw_8bit for QLoRA on CUDA, adamw_torch otherwise", "auto"
+        "optimizer (SFTConfig's optim); auto is paged_adamw_8bit for QLoRA on CUDA, adamw_torch_fused on a CPU without quantisation, adamw_torch otherwise", "auto"
     )
 
     # The adapter (these set the PEFT config's fields: `cpuft sft --help-peft METHOD`)
@@ -130,10 +144,26 @@ class SFTJobConfig:
         "GCP machine type to plan time and cost for (e.g. c3-standard-44; `cpuft plan --list-machine-types`)", None
     )
 
+    # Evaluation during training (on the eval_fraction held out)
+    eval_steps: int | None = _key(
+        "evaluate every N optimizer steps; checkpoints follow (save_steps defaults to N) and adapter/ is"
+        " the checkpoint with the lowest eval_loss (default: evaluate once, after training)", None, trl=True,
+    )
+    early_stopping_patience: int | None = _key(
+        "stop after N evaluations in a row without a new lowest eval_loss (needs eval_steps)", None
+    )
+    early_stopping_threshold: float = _key(
+        "how much lower than the best eval_loss counts as better, for early stopping", 0.0
+    )
+
     # Bookkeeping
     save_steps: int = _trl_key("save_steps", "checkpoint every N optimizer steps (resume and preemption use them)")
     save_total_limit: int = _trl_key("save_total_limit", "keep only the newest N checkpoints")
     logging_steps: int = _trl_key("logging_steps", "log loss and tokens/s every N steps")
+    report_to: str | list[str] = _trl_key(
+        "report_to", "where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow, trackio or none;"
+        " a comma list for several. Offline (HF_HUB_OFFLINE=1 or no network) they log locally",
+    )
     sync_to: str | None = _key(
         "durable copy of the run (gs://bucket/path, s3://..., a local path): every checkpoint, the"
         " metrics and the adapter are uploaded in the background; --resume restores from it",
@@ -161,6 +191,7 @@ KEY_GROUPS = {
     "max_steps": "how long and how fast to learn (these set TRL SFTConfig's fields of the same name)",
     "peft_method": "the adapter (these set the PEFT config's fields; `--help-peft METHOD` lists them all)",
     "device": "the hardware plan ('auto' or unset: the planner chooses; `cpuft env` shows why)",
+    "eval_steps": "evaluation during training: the best checkpoint kept, early stopping",
     "save_steps": "bookkeeping",
 }
 
@@ -181,6 +212,8 @@ def typed_config_value(key: str, value: Any, where: str) -> Any:
     key = str(key)
     if key in CONFIG_FIELDS:
         return typed_value(key, KEY_TYPES[key], value, where)
+    if key == RETIRED_ASSISTANT_ONLY_LOSS:
+        return typed_value(key, bool, value, where)
     if not passthrough.is_library_key(key):
         raise UserError(unknown_key_message(key, where))
     refusal = passthrough.set_by_cpuft_message(key, where)
@@ -260,6 +293,7 @@ def resolve_config(
     for key, value in cli_values.items():
         values[key], where[key] = typed_config_value(key, value, flag_name(key)), flag_name(key)
 
+    _read_retired_keys(values, where)
     own = {k: v for k, v in values.items() if k in CONFIG_FIELDS}
     trl = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k in passthrough.sft_fields()}
     peft_raw = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k not in trl}
@@ -267,8 +301,31 @@ def resolve_config(
     if peft_raw:
         config.peft_args = passthrough.typed_peft_values(config.peft_method, peft_raw, where)
     _check_ranges(config)
+    _check_hub_options(config)
+    _align_evaluation(config)
     passthrough.validate_library_configs(config, where)
     return config
+
+
+# cpuft's former key for the loss mask (it set TRL's field, which needs {% generation %} markers).
+# Runs saved before loss_on have it in config.yaml, so --resume reads it as the loss_on it meant.
+RETIRED_ASSISTANT_ONLY_LOSS = "assistant_only_loss"
+
+
+def _read_retired_keys(values: dict[str, Any], where: dict[str, str]) -> None:
+    """Replace assistant_only_loss by loss_on (true: assistant, false: all), with a one-line note;
+    loss_on wins where both are set."""
+    if RETIRED_ASSISTANT_ONLY_LOSS not in values:
+        return
+    at = where.pop(RETIRED_ASSISTANT_ONLY_LOSS)
+    meant = "assistant" if values.pop(RETIRED_ASSISTANT_ONLY_LOSS) else "all"
+    if "loss_on" in values:
+        read = f"ignored: loss_on ({where['loss_on']}) is set"
+    else:
+        values["loss_on"], where["loss_on"] = meant, at
+        read = f"read as loss_on: {meant}"
+    print(f"cpuft: note: {at}: 'assistant_only_loss' is retired ({read}); set loss_on: assistant|all instead.",
+          file=sys.stderr)
 
 
 def _check_ranges(config: SFTJobConfig) -> None:
@@ -287,3 +344,59 @@ def _check_ranges(config: SFTJobConfig) -> None:
             fail(name, f"{name} must be at least 1, got {getattr(config, name)}.")
     if config.max_samples is not None and config.max_samples < 1:
         fail("max_samples", f"max_samples must be at least 1, got {config.max_samples}.")
+
+
+def _fail(config: SFTJobConfig, key: str, text: str) -> None:
+    at = config.origins.get(key)
+    raise UserError(f"{at}: {text}" if at else text)
+
+
+def _check_hub_options(config: SFTJobConfig) -> None:
+    """A revision names a Hub version, so one given for a local model directory is refused: it
+    cannot be honoured, and ignoring it would record a pinned version the run never used
+    (cpuft.data.readers refuses dataset_revision for a local file the same way). report_to is
+    checked and written as a comma list (config.yaml keeps that form)."""
+    if config.revision is not None and Path(config.model).expanduser().is_dir():
+        _fail(config, "revision", f"revision {config.revision!r} is for a Hub model, but model '{config.model}'"
+              " is a local directory, which has no revisions: check out the version you want there,"
+              " or drop revision.")
+    names = passthrough.report_integration_names(config.report_to)
+    allowed = choices.values(choices.ReportIntegration)
+    for name in names:
+        if name not in allowed:
+            _fail(config, "report_to", f"report_to {name!r} is not one cpuft sets up; choose from"
+                  f" {', '.join(allowed)} (a comma list for several).")
+    if "none" in names and len(names) > 1:
+        _fail(config, "report_to", f"report_to {','.join(names)}: 'none' cannot be combined with other integrations.")
+    config.report_to = ",".join(names)
+
+
+def _align_evaluation(config: SFTJobConfig) -> None:
+    """eval_steps turns on evaluation every N steps and keeps the best checkpoint, which needs a
+    checkpoint at the evaluations: the Trainer refuses a save_steps that is not a multiple of
+    eval_steps. Unset, save_steps follows eval_steps (written to config.yaml, so --resume keeps it)."""
+    if config.eval_steps is None:
+        if config.early_stopping_patience is not None:
+            _fail(config, "early_stopping_patience", "early_stopping_patience needs evaluations during"
+                  " training: set eval_steps too (e.g. --eval-steps 50).")
+        return
+    if config.eval_steps < 1:
+        _fail(config, "eval_steps", f"eval_steps must be at least 1, got {config.eval_steps}.")
+    if config.eval_fraction == 0:
+        _fail(config, "eval_steps", f"eval_steps {config.eval_steps} evaluates on held-out rows, but eval_fraction"
+              " is 0: set eval_fraction above 0 (e.g. 0.1), or drop eval_steps.")
+    if config.early_stopping_patience is not None and config.early_stopping_patience < 1:
+        _fail(config, "early_stopping_patience",
+              f"early_stopping_patience must be at least 1, got {config.early_stopping_patience}.")
+    if config.early_stopping_threshold < 0:
+        _fail(config, "early_stopping_threshold",
+              f"early_stopping_threshold must be 0 or more, got {config.early_stopping_threshold}.")
+    if not passthrough.loads_best_checkpoint(config):
+        return  # no best checkpoint to load: any save_steps will do
+    if "save_steps" not in config.origins:
+        config.save_steps = config.eval_steps
+    elif config.save_steps % config.eval_steps:
+        fit = config.eval_steps * max(1, round(config.save_steps / config.eval_steps))
+        _fail(config, "save_steps", f"save_steps {config.save_steps} is not a multiple of eval_steps"
+              f" {config.eval_steps}: the best checkpoint can only be kept when checkpoints fall on"
+              f" evaluations. Set save_steps to {fit} (or leave it unset: it follows eval_steps).")

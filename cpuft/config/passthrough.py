@@ -99,7 +99,16 @@ TRL_DEVIATIONS: dict[str, Deviation] = {
     "output_dir": Deviation(AT_RUN_TIME, "one directory per run", shown="runs/sft-<timestamp>"),
     "packing": Deviation(AT_RUN_TIME, "as asked, once the plan has checked that samples stay apart", shown="the plan"),
     # cpuft's values for fields without a cpuft key; set the field to override
-    "report_to": Deviation(["tensorboard"], "event files in the run's tensorboard/"),
+    "report_to": Deviation(
+        "tensorboard", "event files in the run's tensorboard/; wandb, mlflow and trackio log locally when offline"
+    ),
+    "eval_strategy": Deviation(AT_RUN_TIME, "evaluations every eval_steps", None, "'steps' with eval_steps"),
+    "load_best_model_at_end": Deviation(
+        AT_RUN_TIME, "adapter/ is the checkpoint with the lowest eval_loss", None, "true with eval_steps"
+    ),
+    "metric_for_best_model": Deviation(AT_RUN_TIME, "the best checkpoint is the one with the lowest eval loss",
+                                       None, "'eval_loss' with eval_steps"),
+    "greater_is_better": Deviation(AT_RUN_TIME, "a lower eval loss is better", None, "false with eval_steps"),
     "save_strategy": Deviation("steps", "checkpoints every save_steps are what --resume and preemption use"),
     "data_seed": Deviation(AT_RUN_TIME, "one seed for the split, the order and accelerate's sampler", shown="seed"),
     # the hardware plan decides these (`cpuft env` shows why); set them through the cpuft key
@@ -123,7 +132,7 @@ TRL_DEVIATIONS: dict[str, Deviation] = {
         AT_RUN_TIME, "the plan's effective batch", "gradient_accumulation_steps", "the plan"
     ),
     "optim": Deviation(
-        AT_RUN_TIME, "the memory plan counts its state: adamw_torch, paged_adamw_8bit for QLoRA on CUDA",
+        AT_RUN_TIME, "the memory plan counts its state: adamw_torch_fused on CPU, paged_adamw_8bit for QLoRA on CUDA, else adamw_torch",
         "optimizer", "the plan",
     ),
     "torch_compile": Deviation(AT_RUN_TIME, "only runs of 5000+ steps repay inductor's warm-up", "torch_compile", "the plan"),
@@ -137,8 +146,18 @@ TRL_DEVIATIONS: dict[str, Deviation] = {
     "disable_tqdm": Deviation(True, "cpuft draws its own progress bar, with tokens/s", "--no-progress"),
     "resume_from_checkpoint": Deviation(AT_RUN_TIME, "the run directory's last checkpoint", "--resume", "with --resume"),
     "dataset_text_field": Deviation("text", "cpuft converts every row format itself", "dataset_format"),
+    "assistant_only_loss": Deviation(
+        False, "cpuft builds the assistant-token mask itself for any chat template and hands TRL"
+        " pre-tokenised rows (TRL's own needs {% generation %} markers); the retired cpuft key of"
+        " this name is read as loss_on", "loss_on",
+    ),
+    "completion_only_loss": Deviation(
+        None, "prompt/completion (and alpaca) rows reach TRL as user/assistant conversations that"
+        " cpuft masks itself: loss_on assistant trains the completion; plain text rows train on"
+        " every token", "loss_on",
+    ),
     "model_init_kwargs": Deviation(
-        None, "cpuft loads the model itself", "model, dtype, quant, attn_implementation"
+        None, "cpuft loads the model itself", "model, revision, trust_remote_code, dtype, quant, attn_implementation"
     ),
 }
 
@@ -162,10 +181,16 @@ PEFT_DEVIATIONS: dict[str, Deviation] = {
     "tinit": Deviation(AT_RUN_TIME, "AdaLoRA warm-up: the first 10 % of the run", None, "10 % of the run"),
     "tfinal": Deviation(AT_RUN_TIME, "AdaLoRA keeps the ranks fixed for the last 20 %", None, "20 % of the run"),
     "deltaT": Deviation(AT_RUN_TIME, "AdaLoRA reallocates every ~5 % of the run", None, "5 % of the run"),
-    "task_type": Deviation("CAUSAL_LM", "cpuft fine-tunes causal language models", "(fixed)"),
+    # CAUSAL_LM is the placeholder validation builds with; the run sets the model's own (peft_methods).
+    "task_type": Deviation(
+        "CAUSAL_LM", "the model's: SEQ_2_SEQ_LM for encoder-decoders (T5, mT5), CAUSAL_LM otherwise",
+        "(fixed)", "from the model",
+    ),
     "peft_type": Deviation(AT_RUN_TIME, "follows the method", "peft_method", "peft_method"),
     "base_model_name_or_path": Deviation(AT_RUN_TIME, "the model cpuft loads", "model", "model"),
-    "revision": Deviation(None, "cpuft loads the model itself", "model"),
+    "revision": Deviation(
+        AT_RUN_TIME, "the base model's revision, recorded so stock PEFT loads the same base", "revision", "revision"
+    ),
     "inference_mode": Deviation(False, "cpuft trains the adapter", "(fixed)"),
     "auto_mapping": Deviation(None, "PEFT writes it when it saves", "(fixed)"),
     "peft_version": Deviation(None, "PEFT writes it when it saves", "(fixed)"),
@@ -298,6 +323,13 @@ def sft_config_kwargs(config) -> tuple[dict[str, Any], dict[str, str]]:
         if name not in kwargs and deviation.value is not AT_RUN_TIME:
             kwargs[name] = _copy(deviation.value)
     kwargs["data_seed"], source["data_seed"] = config.seed, "seed"
+    # transformers reads a text report_to as one integration's name: the comma list as a list.
+    kwargs["report_to"] = report_integration_names(config.report_to)
+    if config.eval_steps is not None:
+        kwargs.update(eval_strategy="steps", load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                      greater_is_better=False)
+        for name in ("eval_strategy", "load_best_model_at_end", "metric_for_best_model", "greater_is_better"):
+            source[name] = "eval_steps"
     for name, value in config.trl_args.items():
         if name in fields:
             kwargs[name], source[name] = _library_value(fields[name].hint, value), name
@@ -347,6 +379,8 @@ def peft_config_kwargs(config, total_steps: int) -> tuple[dict[str, Any], dict[s
     # ia3 with all-linear: PEFT's per-architecture default targets (keys, values, MLP down-projection)
     if method in PROMPT_LEARNING:
         put("num_virtual_tokens", config.num_virtual_tokens, "num_virtual_tokens")
+    if config.revision is not None:
+        put("revision", config.revision, "revision")
     fields = peft_fields(method)
     for name, value in config.peft_args.items():
         put(name, _library_value(fields[name].hint, value), name)
@@ -410,6 +444,7 @@ def validate_library_configs(config, origins: dict[str, str]) -> None:
 
 def _check_combinations(config, origins: dict[str, str]) -> None:
     trl = config.trl_args
+    _check_reporting(config, origins)
     for name in ("torch_compile_backend", "torch_compile_mode"):
         if trl.get(name) is not None and config.torch_compile is not True:
             raise UserError(
@@ -436,6 +471,43 @@ def _check_combinations(config, origins: dict[str, str]) -> None:
             f"{origins.get('eval_strategy', 'eval_strategy')}: eval_strategy {trl['eval_strategy']!r} needs"
             " held-out rows: set eval_fraction above 0."
         )
+
+
+# The pip package each reporting integration needs (transformers' callback refuses to start
+# without it, after the run directory is written).
+REPORTING_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def loads_best_checkpoint(config) -> bool:
+    """Whether the run ends by loading its best checkpoint (lowest eval_loss) into adapter/: with
+    eval_steps, unless load_best_model_at_end is set false."""
+    return bool(config.trl_args.get("load_best_model_at_end", config.eval_steps is not None))
+
+
+def report_integration_names(value) -> list[str]:
+    """report_to as transformers takes it: a list of integration names ('none' alone: none)."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(item).strip().lower() for item in items if str(item).strip()] or ["none"]
+
+
+def _check_reporting(config, origins: dict[str, str]) -> None:
+    """Every integration in report_to is installed, and none would need the network offline."""
+    import importlib.util
+    import os
+
+    from huggingface_hub import is_offline_mode
+
+    where = origins.get("report_to", "report_to (default)")
+    names = report_integration_names(config.report_to)
+    for name in names:
+        package = REPORTING_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package.replace("-", "_")) is None:
+            raise UserError(f"{where}: report_to {name} needs the '{package}' package, which is not installed:"
+                            f" `pip install {package}`, or choose another report_to (none turns reporting off).")
+    space = config.trl_args.get("trackio_space_id") or os.environ.get("TRACKIO_SPACE_ID")
+    if "trackio" in names and space and is_offline_mode():
+        raise UserError(f"{origins.get('trackio_space_id', 'TRACKIO_SPACE_ID')}: trackio logs to the Hub Space"
+                        f" {space!r}, but HF_HUB_OFFLINE is set: unset the Space to log locally.")
 
 
 @contextlib.contextmanager

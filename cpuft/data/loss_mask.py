@@ -29,11 +29,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
+from cpuft.config.choices import LossOn, values
 from cpuft.errors import UserError, first_line
-
-LossOn = Literal["assistant", "all"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,29 @@ class LossMaskCounts:
             "turns_without_end_token": self.turns_without_end_token,
         }
 
+    def describe(self) -> str:
+        """The console line: what the loss counts, in tokens."""
+        if self.loss_on == "all":
+            return f"loss on: all tokens ({self.tokens:,} tokens in {self.conversations:,} conversations)"
+        share = 100 * self.loss_tokens / self.tokens if self.tokens else 0.0
+        return f"loss on: assistant tokens ({self.loss_tokens:,} of {self.tokens:,} tokens, {share:.1f} %)"
+
+    def warnings(self) -> list[str]:
+        """One line per thing in the data the user may want to fix."""
+        found = []
+        if self.conversations_without_loss_tokens:
+            found.append(
+                f"{self.conversations_without_loss_tokens} of {self.conversations} conversations have no"
+                " assistant token left after truncation to max_length, so they train nothing; raise"
+                " max_length or shorten their prompts"
+            )
+        if self.turns_without_end_token:
+            found.append(
+                f"{self.turns_without_end_token} assistant turns end without a special end-of-turn token"
+                " in this chat template, so the model cannot learn where a reply stops"
+            )
+        return found
+
 
 def tokenize_conversations(
     conversations: Iterable[list[dict]],
@@ -80,8 +101,8 @@ def tokenize_conversations(
     `where` names each conversation in error messages ("train.jsonl:12"); rows are truncated to
     `max_length` (keeping the start, TRL's default) so the counts are what training sees.
     """
-    if loss_on not in ("assistant", "all"):
-        raise UserError(f"loss_on must be 'assistant' or 'all', not {loss_on!r}.")
+    if loss_on not in values(LossOn):
+        raise UserError(f"loss_on must be one of {', '.join(values(LossOn))}, not {loss_on!r}.")
     rows: list[dict] = []
     tokens = loss_tokens = empty = truncated = open_turns = 0
     for index, messages in enumerate(conversations):

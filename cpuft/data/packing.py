@@ -52,8 +52,11 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, win
 
 
 def row_length(row: dict) -> int:
-    """A cheap stand-in for a row's token count (characters of its text): ordering needs only
-    lengths that rank like token counts, not the tokenizer's exact numbers."""
+    """A row's token count when it is pre-tokenised (conversations, cpuft.data.loss_mask), else a
+    cheap stand-in (characters of its text): ordering needs only lengths that rank like token
+    counts, not the tokenizer's exact numbers."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
     if "messages" in row:
         return sum(len(str(m.get("content", ""))) for m in row["messages"])
     if "prompt" in row and "completion" in row:

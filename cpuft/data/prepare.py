@@ -27,20 +27,24 @@ class PreparedData:
     row_format: str
     source: str
     num_rows: int
+    # Where each row came from ("train.jsonl:12"), in the order of `train` / `eval`, for messages.
+    train_where: list[str] | None = None
+    eval_where: list[str] | None = None
 
 
 def read_and_convert(
     source: str, row_format: str = "auto", split: str = "train", max_samples: int | None = None,
-) -> tuple[list[dict[str, Any]], str]:
-    """Every row of `source` (the first `max_samples`) validated and converted, and the format
-    used (detected from the first row when `row_format` is "auto")."""
-    rows = load_rows(source, split)
+    revision: str | None = None,
+) -> tuple[list[dict[str, Any]], str, list[str]]:
+    """Every row of `source` (the first `max_samples`) validated and converted, the format used
+    (detected from the first row when `row_format` is "auto"), and where each row came from."""
+    rows = load_rows(source, split, revision)
     if max_samples is not None:
         rows = rows[:max_samples]
     if not rows:
         raise UserError(f"{source}: no rows to train on.")
     row_format = detect_format(rows[0]) if row_format == "auto" else row_format
-    return [convert_row(row, row_format) for row in rows], row_format
+    return [convert_row(row, row_format) for row in rows], row_format, [row.where for row in rows]
 
 
 def prepare_dataset(
@@ -50,11 +54,12 @@ def prepare_dataset(
     eval_fraction: float = 0.05,
     max_samples: int | None = None,
     seed: int = 42,
+    revision: str | None = None,
 ) -> PreparedData:
     """Load, validate and convert; split off `eval_fraction` of the rows for evaluation."""
     from datasets import Dataset
 
-    converted, row_format = read_and_convert(source, row_format, split, max_samples)
+    converted, row_format, where = read_and_convert(source, row_format, split, max_samples, revision)
 
     order = list(range(len(converted)))
     random.Random(seed).shuffle(order)
@@ -69,4 +74,6 @@ def prepare_dataset(
         row_format=row_format,
         source=source,
         num_rows=len(converted),
+        train_where=[where[i] for i in order[num_eval:]],
+        eval_where=[where[i] for i in order[:num_eval]] or None,
     )

@@ -7,7 +7,8 @@ JSON parsing, and the messages for unreadable input. Detecting a row's format an
 is `cpuft.data.formats`; splitting is `cpuft.data.prepare`.
 
 Limits: a file is read into memory whole; .json must hold a list of row objects (or
-{"data": [...]}); Hub datasets need network (or the datasets cache) and, when gated, HF_TOKEN.
+{"data": [...]}); Hub datasets need network (or the datasets cache) and, when gated, HF_TOKEN;
+only Hub datasets have revisions (`dataset_revision`).
 Every problem is a UserError naming the file and line (or row).
 """
 
@@ -41,11 +42,20 @@ def sample_path() -> Path:
     return Path(str(resources.files("cpuft") / "data" / "lima_sample.jsonl"))
 
 
-def load_rows(source: str, split: str = "train") -> list[Row]:
-    """Every row of `source` (the sample, a local file, or a Hub id), unvalidated."""
+def load_rows(source: str, split: str = "train", revision: str | None = None) -> list[Row]:
+    """Every row of `source` (the sample, a local file, or a Hub id at `revision`), unvalidated.
+
+    A revision is refused for the sample and local files: they have none, and ignoring it would
+    let a run claim a dataset version it never read."""
+    path = Path(os.path.expanduser(source))
+    if revision is not None and (source == SAMPLE_NAME or path.exists() or _looks_local(source)):
+        raise UserError(
+            f"dataset_revision {revision!r} is for a Hub dataset, but dataset '{source}' is"
+            f" {'the bundled sample' if source == SAMPLE_NAME else 'a local path'}, which has no"
+            " revisions: drop dataset_revision."
+        )
     if source == SAMPLE_NAME:
         return _read_jsonl(sample_path())
-    path = Path(os.path.expanduser(source))
     if path.is_dir():
         raise UserError(
             f"dataset {source} is a directory; point --dataset at a .jsonl, .json or .parquet file in it."
@@ -59,9 +69,14 @@ def load_rows(source: str, split: str = "train") -> list[Row]:
         if suffix == ".parquet":
             return _read_parquet(path)
         raise UserError(f"dataset {source}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet.")
-    if path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+    if _looks_local(source):
         raise UserError(f"dataset file {source} does not exist.")
-    return _read_hub(source, split)
+    return _read_hub(source, split, revision)
+
+
+def _looks_local(source: str) -> bool:
+    """A path the user meant as a local file (even when missing), not a Hub id."""
+    return Path(source).suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))
 
 
 def read_text(path: Path) -> str:
@@ -151,14 +166,15 @@ def _read_parquet(path: Path) -> list[Row]:
     return [Row(item, f"{path} row {index}") for index, item in enumerate(table.to_pylist())]
 
 
-def _read_hub(dataset_id: str, split: str) -> list[Row]:
+def _read_hub(dataset_id: str, split: str, revision: str | None = None) -> list[Row]:
     from datasets import load_dataset
 
+    at = f", revision '{revision}'" if revision is not None else ""
     try:
-        dataset = load_dataset(dataset_id, split=split, token=os.environ.get("HF_TOKEN"))
+        dataset = load_dataset(dataset_id, split=split, revision=revision, token=os.environ.get("HF_TOKEN"))
     except Exception as exc:  # datasets raises ConnectionError, DatasetNotFoundError, gated errors...
         raise UserError(
-            f"could not load dataset '{dataset_id}' (split '{split}') from the Hugging Face Hub:"
+            f"could not load dataset '{dataset_id}' (split '{split}'{at}) from the Hugging Face Hub:"
             f" {first_line(exc)}. If you are offline or the dataset is gated (GAIR/lima is: accept its"
             " terms on the Hub, then set HF_TOKEN), download it on a connected machine and pass"
             " the local file instead, e.g. --dataset ./lima/train.jsonl (JSONL/JSON/Parquet rows"

@@ -29,13 +29,17 @@ def evaluate_loss(model, tokenizer, rows, max_length: int = 512, batch_size: int
                   assistant_only: bool = False, progress=None) -> LossResult:
     """Token-weighted mean loss and perplexity over conversational ({"messages"}) or {"text"} rows.
 
-    Tokenised the way TRL's SFTTrainer does (chat template, no extra special tokens, truncated to
-    `max_length`), so with all tokens scored it matches the trainer's eval loss on the same rows.
-    `assistant_only` scores the assistant turns alone (needs `{% generation %}` in the template).
+    Tokenised the way `cpuft sft` hands rows to TRL's SFTTrainer (chat template, no extra special
+    tokens, truncated to `max_length`), so it matches the trainer's eval loss on the same rows:
+    `assistant_only` scores each reply and its end-of-turn token alone, masked as training masks
+    them with the default loss_on (cpuft.data.loss_mask: any chat template, no `{% generation %}`
+    markers needed); otherwise every token.
     """
     import torch
 
-    sequences = [_tokenize_row(tokenizer, row, assistant_only, max_length) for row in rows]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):  # T5/mT5: the target, given the prompt
+        return _seq2seq_loss(model, tokenizer, rows, max_length, batch_size, progress)
+    sequences = [_tokenize_row(tokenizer, row, assistant_only, max_length, f"row {i}") for i, row in enumerate(rows, 1)]
     total_loss, total_tokens = 0.0, 0
     device = device_of(model)
     for start in range(0, len(sequences), batch_size):
@@ -50,12 +54,16 @@ def evaluate_loss(model, tokenizer, rows, max_length: int = 512, batch_size: int
             labels[i, :len(ids)] = torch.tensor([t if keep else -100 for t, keep in zip(ids, scored)])
         with torch.inference_mode():
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-        shifted = labels[:, 1:].to(device)
+        # Prompt and p-tuning adapters put virtual tokens before the row, and their logits too: the
+        # last virtual token predicts the row's first token, which PEFT's own loss counts as well.
+        virtual = logits.shape[1] - width
+        predicted, targets = (logits[:, virtual - 1:-1], labels) if virtual else (logits[:, :-1], labels[:, 1:])
+        targets = targets.to(device)
         loss_sum = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
+            predicted.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
         )
         total_loss += loss_sum.item()
-        total_tokens += int((shifted != -100).sum())
+        total_tokens += int((targets != -100).sum())
         if progress is not None:
             progress(len(batch))
     if total_tokens == 0:
@@ -64,17 +72,47 @@ def evaluate_loss(model, tokenizer, rows, max_length: int = 512, batch_size: int
     return LossResult(mean, math.exp(mean), total_tokens, len(sequences))
 
 
-def _tokenize_row(tokenizer, row: dict, assistant_only: bool, max_length: int) -> tuple[list[int], list[bool]]:
+def _tokenize_row(tokenizer, row: dict, assistant_only: bool, max_length: int, where: str) -> tuple[list[int], list[bool]]:
     if "messages" in row:
-        out = tokenizer.apply_chat_template(
-            row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only
-        )
-        ids = list(out["input_ids"])
-        scored = [bool(m) for m in out["assistant_masks"]] if assistant_only else [True] * len(ids)
+        from cpuft.data.loss_mask import tokenize_conversations
+
+        loss_on = "assistant" if assistant_only else "all"
+        rows, _ = tokenize_conversations([row["messages"]], tokenizer, loss_on, where=[where])
+        ids, scored = rows[0]["input_ids"], [bool(m) for m in rows[0]["assistant_masks"]]
     else:
         ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
         scored = [True] * len(ids)
     return ids[:max_length], scored[:max_length]
+
+
+def _seq2seq_loss(model, tokenizer, rows, max_length: int, batch_size: int, progress) -> LossResult:
+    """Mean loss per target token of an encoder-decoder: each row's prompt and target tokenised and
+    padded as `cpuft sft` trains them (cpuft.data.seq2seq, DataCollatorForSeq2Seq), every target
+    token scored (EOS included)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from cpuft.data.seq2seq import LABEL_PAD_ID, tokenize_pairs
+
+    pairs = tokenize_pairs(rows, tokenizer, max_length)
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=LABEL_PAD_ID)
+    total_loss, total_tokens = 0.0, 0
+    device = device_of(model)
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate(pairs[start:start + batch_size]).items()}
+        with torch.inference_mode():  # the model shifts the labels right into its decoder inputs
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).logits
+        total_loss += torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+            ignore_index=LABEL_PAD_ID, reduction="sum",
+        ).item()
+        total_tokens += int((batch["labels"] != LABEL_PAD_ID).sum())
+        if progress is not None:
+            progress(len(batch["labels"]))
+    if total_tokens == 0:
+        raise UserError("no tokens to score: no row has a target.")
+    mean = total_loss / total_tokens
+    return LossResult(mean, math.exp(mean), total_tokens, len(pairs))
 
 
 def split_prompt_reference(messages: list[dict]) -> tuple[list[dict], str]:

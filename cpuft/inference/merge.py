@@ -1,6 +1,8 @@
-"""Fold LoRA adapters into their base model and save a stock transformers model directory.
+"""Fold PEFT adapters into their base model and save a stock transformers model directory.
 
-One adapter: W' = W + scaling * B @ A (PEFT `merge_and_unload`). Several adapters with weights:
+Mergeable: the weight-change methods cpuft trains, LoRA, LoHa, LoKr, IA3 and AdaLoRA (PEFT
+`merge_and_unload` folds each into W: LoRA W + scaling * B @ A, LoHa/LoKr their Hadamard/Kronecker
+products, IA3 a per-channel scale). Several adapters with weights (LoRA):
 PEFT's `add_weighted_adapter` builds one combined adapter first, then it is merged. The default
 combination, `cat`, stacks the adapters' matrices so that the merged weight is exactly
 W + sum_i weight_i * delta_i (rank = sum of ranks); `svd` truncates that sum back to the largest
@@ -15,7 +17,9 @@ written to a temporary directory and renamed into place, so `out` is never half-
 Limits: all adapters must share one base model (checked by module shapes, and by the recorded
 base unless `base` overrides it). Merging in fp32 is exact up to float rounding; `dtype=bf16`
 rounds the merged weights to bf16. Prompt/prefix tuning and p-tuning adapters are virtual
-tokens, not weight deltas: refused with a UserError that says to use them unmerged.
+tokens, not weight deltas: refused with a UserError that names the method and says to use them
+unmerged (`cpuft generate|chat|eval|serve` take the adapter as it is). Weighted combinations
+(`add_weighted_adapter`) are PEFT's for LoRA only: other methods merge one adapter at weight 1.
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ from typing import Any
 from cpuft.dtypes import torch_dtype
 from cpuft.errors import UserError, first_line
 from cpuft.inference.loading import (
+    ADAPTER_METHODS,
+    PROMPT_LEARNING_TYPES,
     ModelSource,
+    adapter_method,
+    apply_adapter,
     check_adapter_fits,
+    grow_embeddings_to_tokenizer,
     load_tokenizer,
     resolve_source,
 )
@@ -51,9 +60,13 @@ class MergeResult:
     adapters: list[dict[str, Any]]
     combination: str | None  # None: a single adapter merged as is
     parameters: int
+    auto_class: str  # the transformers Auto class that loads the output (AutoModelForCausalLM / ...Seq2SeqLM)
 
 
-def resolve_adapters(given: list[str], weights: list[float] | None, base: str | None) -> list[WeightedAdapter]:
+def resolve_adapters(
+    given: list[str], weights: list[float] | None, base: str | None, revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> list[WeightedAdapter]:
     """Resolve each path (run dir or adapter dir) and pair it with its weight (default 1 each)."""
     if not given:
         raise UserError("name at least one run directory or adapter directory to merge.")
@@ -61,9 +74,9 @@ def resolve_adapters(given: list[str], weights: list[float] | None, base: str | 
         raise UserError(f"--weights has {len(weights)} values for {len(given)} adapters; give one weight per adapter.")
     adapters = []
     for index, path in enumerate(given):
-        source = resolve_source(path, base=base)
+        source = resolve_source(path, base=base, revision=revision, trust_remote_code=trust_remote_code)
         if source.kind != "adapter":
-            raise UserError(f"{path} is a full model, not a LoRA adapter or run directory: there is nothing to merge.")
+            raise UserError(f"{path} is a full model, not an adapter or run directory: there is nothing to merge.")
         adapters.append(WeightedAdapter(source, weights[index] if weights is not None else 1.0))
     bases = {a.source.model for a in adapters}
     if len(bases) > 1:
@@ -73,10 +86,6 @@ def resolve_adapters(given: list[str], weights: list[float] | None, base: str | 
             " one base. If they are copies of the same model, pass --base MODEL to use it for all."
         )
     return adapters
-
-
-# PEFT types whose adapters are virtual tokens (PeftType names), not weight deltas.
-PROMPT_LEARNING_METHODS = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 
 
 def merge_adapters(
@@ -101,22 +110,35 @@ def merge_adapters(
     out_dir = Path(out_dir)
     for adapter in adapters:
         _check_mergeable(adapter.source.adapter_dir)
+    single_as_is = len(adapters) == 1 and adapters[0].weight == 1.0
+    methods = {adapter_method(a.source.adapter_dir) for a in adapters}
+    if not single_as_is and methods != {"LORA"}:
+        names = ", ".join(sorted(ADAPTER_METHODS.get(m, m.lower()) for m in methods))
+        raise UserError(
+            f"a weighted merge combines LoRA adapters only (PEFT's add_weighted_adapter); these are {names}."
+            " Merge one adapter at a time at weight 1, without --weights."
+        )
     _check_out_dir(out_dir, adapters)
     base_name = adapters[0].source.model
     tokenizer = load_tokenizer(adapters[0].source)
     log(f"loading base model {base_name}")
     try:
-        model = auto_model_class(AutoConfig.from_pretrained(base_name)).from_pretrained(base_name, dtype=torch_dtype(dtype))
+        hub = adapters[0].source.pretrained_kwargs()
+        model_class = auto_model_class(AutoConfig.from_pretrained(base_name, **hub))
+        model = model_class.from_pretrained(base_name, dtype=torch_dtype(dtype), **hub)
     except Exception as exc:
         raise UserError(f"cannot load the base model '{base_name}': {first_line(exc)}") from None
+    grow_embeddings_to_tokenizer(model, tokenizer)
     names = [f"adapter_{i}" for i in range(len(adapters))]
     for name, adapter in zip(names, adapters):
         check_adapter_fits(adapter.source.adapter_dir, model)
-    model = PeftModel.from_pretrained(model, str(adapters[0].source.adapter_dir), adapter_name=names[0])
-    for name, adapter in zip(names[1:], adapters[1:]):
-        model.load_adapter(str(adapter.source.adapter_dir), adapter_name=name)
+    if single_as_is:
+        model = apply_adapter(model, adapters[0].source.adapter_dir, adapter_name=names[0])
+    else:
+        model = PeftModel.from_pretrained(model, str(adapters[0].source.adapter_dir), adapter_name=names[0])
+        for name, adapter in zip(names[1:], adapters[1:]):
+            model.load_adapter(str(adapter.source.adapter_dir), adapter_name=name)
 
-    single_as_is = len(adapters) == 1 and adapters[0].weight == 1.0
     if single_as_is:
         active, used_combination = names[0], None
     else:
@@ -143,22 +165,18 @@ def merge_adapters(
             "base_model": base_name, "adapters": record, "combination": used_combination,
             "density": density, "dtype": dtype,
         })
-    return MergeResult(out_dir, base_name, record, used_combination, parameters)
+    return MergeResult(out_dir, base_name, record, used_combination, parameters, model_class.__name__)
 
 
 def _check_mergeable(adapter_dir: Path) -> None:
     """UserError for adapters with no weights to fold in: prompt learning adds virtual tokens."""
-    import json
-
-    config_file = Path(adapter_dir) / "adapter_config.json"
-    if not config_file.is_file():
-        return  # resolve_adapters' and PEFT's own errors name what is missing
-    method = json.loads(config_file.read_text()).get("peft_type", "")
-    if method.upper() in PROMPT_LEARNING_METHODS:
+    method = adapter_method(Path(adapter_dir))
+    if method in PROMPT_LEARNING_TYPES:
         raise UserError(
-            f"the adapter in {adapter_dir} is {method.lower()}, which trains virtual tokens put before"
-            " the input, not changes to the weights, so there is nothing to merge. Use the adapter"
-            " unmerged: `cpuft generate --model` / `cpuft chat` / `cpuft eval` load it as it is."
+            f"the adapter in {adapter_dir} is {ADAPTER_METHODS[method]}, which trains virtual tokens put"
+            " before the input, not changes to the weights, so there is nothing to merge. Use the"
+            f" adapter unmerged: `cpuft generate --model {adapter_dir}` (likewise chat, eval and"
+            " serve) loads it as it is."
         )
 
 

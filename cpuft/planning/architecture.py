@@ -111,6 +111,13 @@ def model_class(config):
 
     seq2seq = task_type(config) == "SEQ_2_SEQ_LM"
     mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if seq2seq else MODEL_FOR_CAUSAL_LM_MAPPING
+    auto_name = auto_model_class(config).__name__
+    remote = getattr(config, "auto_map", None) or {}
+    if auto_name in remote and type(config) not in mapping:
+        # The repository's own class (--trust-remote-code): reading the config already allowed it.
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(remote[auto_name], config._name_or_path)
     try:
         return mapping[type(config)]
     except KeyError:

@@ -179,11 +179,16 @@ class TimeEstimate:
     flops_per_token: float
     flops_per_second: float  # the figure the estimate divides by, before utilisation
     flops_source: str  # "measured matmul" or "declared peak (c3-standard-44, bf16)"
-    utilization: float
+    utilization: float | None  # None when the time comes from measured step parts
     seconds_per_epoch: float
     usd_per_hour_on_demand: float | None = None
     usd_per_hour_spot: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # From measured step parts (cpuft.hardware.step_cost), None on the FLOP-count path:
+    step_costs: dict | None = None  # StepCosts.to_dict(): one micro-batch's parts as measured
+    parts_seconds: dict[str, float] | None = None  # the whole run's seconds by part
+    micro_batches: float | None = None  # over the whole run
+    optimizer_steps: float | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -211,6 +216,10 @@ class TimeEstimate:
             "usd_per_hour_spot": self.usd_per_hour_spot,
             "cost_usd_on_demand": self.cost_on_demand,
             "cost_usd_spot": self.cost_spot,
+            "step_costs": self.step_costs,
+            "parts_seconds": self.parts_seconds,
+            "micro_batches": self.micro_batches,
+            "optimizer_steps": self.optimizer_steps,
             "notes": list(self.notes),
         }
 
@@ -218,8 +227,28 @@ class TimeEstimate:
         lines = [
             f"Time plan: {self.tokens:,} tokens/epoch x {self.epochs:.3g} epoch(s),"
             f" {self.flops_per_token / 1e9:,.2f} GFLOP/token",
-            f"  FLOP/s         {self.flops_per_second / 1e12:,.3f} TFLOP/s ({self.flops_source})"
-            f" at {self.utilization:.0%} utilisation",
+        ]
+        if self.step_costs is None:
+            lines.append(
+                f"  FLOP/s         {self.flops_per_second / 1e12:,.3f} TFLOP/s ({self.flops_source})"
+                f" at {self.utilization:.0%} utilisation"
+            )
+        else:
+            c = self.step_costs
+            layer = c["layer_forward_seconds"] + c["layer_backward_seconds"]
+            lines += [
+                f"  measured       {c['source']} ({c['measure_seconds']:.1f} s, cached per shape)",
+                f"  micro-batch    {c['rows']} x {c['seq_len']} tokens: {c['num_layers']} layers x {layer:.3f} s"
+                f" (forward {c['layer_forward_seconds']:.3f} + backward {c['layer_backward_seconds']:.3f})"
+                f" + lm_head/loss {c['head_seconds_per_token'] * 1000:.2f} ms/token + other {c['other_seconds']:.2f} s",
+                f"  optimizer step AdamW {c['optimizer_seconds'] * 1000:.0f} ms"
+                + (f" + all-reduce {self.parts_seconds['all-reduce'] / max(1.0, self.optimizer_steps):.2f} s"
+                   if self.parts_seconds.get("all-reduce") else ""),
+                f"  run            {self.micro_batches:,.0f} micro-batches, {self.optimizer_steps:,.0f} optimizer steps; "
+                + ", ".join(f"{name} {format_duration(sec)}" for name, sec in self.parts_seconds.items() if sec),
+                f"  achieved       {self.flops_per_second / 1e9:,.1f} GFLOP/s of useful matmul work",
+            ]
+        lines += [
             f"  per epoch      {format_duration(self.seconds_per_epoch)}",
             f"  total          {format_duration(self.total_seconds)}",
         ]
@@ -263,11 +292,14 @@ def format_duration(seconds: float) -> str:
 
 
 def count_training_tokens(dataset, tokenizer, max_length: int) -> int:
-    """Tokens the trainer will see in one epoch: each conversation through the chat template,
-    truncated to max_length (as TRL truncates). Padding is not counted: it is not trained on."""
+    """Tokens the trainer will see in one epoch: each conversation through the chat template (or
+    its pre-tokenised `input_ids`), truncated to max_length (as TRL truncates). Padding is not
+    counted: it is not trained on."""
     total = 0
     for row in dataset:
-        if "messages" in row and row["messages"] is not None and tokenizer.chat_template:
+        if "input_ids" in row:
+            ids = row["input_ids"]
+        elif "messages" in row and row["messages"] is not None and tokenizer.chat_template:
             ids = tokenizer.apply_chat_template(row["messages"], tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
@@ -296,20 +328,63 @@ def planned_epochs(max_steps: int, effective_batch_size: int, rows_per_epoch: fl
     return num_train_epochs
 
 
-# Share of the FLOP/s figure training reaches. A large square GEMM is the best case; training adds
-# skinny matmuls, attention, norms, the optimizer and data handling. Declared peaks are further
-# from reality (AMX rarely sustains its datasheet rate on training-sized matmuls).
+# Share of the FLOP/s figure training reaches, on the FLOP-count path (declared machine types,
+# CUDA, QLoRA, architectures step_cost cannot build, or an explicit --utilization). A large
+# square GEMM is the best case; training adds skinny matmuls, attention, norms, the optimizer and
+# data handling. On this machine's own CPU the plan measures the step's parts instead: the fixed
+# 50 % of the measured matmul was 3-10x optimistic there (docs/speed.md).
 UTILIZATION_OF_MEASURED_MATMUL = 0.5
 UTILIZATION_OF_DECLARED_PEAK = {"cpu": 0.25, "cuda": 0.35}
+# Padding left in cpuft's length-grouped micro-batches (cpuft.data.packing), as measured by
+# `cpuft bench` on LIMA-shaped data: 11.3 %, 11.4 %, 16.1 % (docs/speed.md). Packed rows hold none.
+LENGTH_GROUPED_PADDING = 0.12
+# Measured sequence lengths are rounded up to this multiple so similar datasets share a cached
+# measurement; the time is scaled back to the planned length.
+SEQ_LEN_BUCKET = 32
+
+
+def micro_batch_shape(settings, mean_seq_len: float, packed: bool) -> tuple[int, float]:
+    """(rows, padded tokens per row) of an average micro-batch: packed rows are full; length-grouped
+    rows carry the mean length plus the padding grouping leaves."""
+    if packed:
+        return settings.batch_size, float(settings.seq_len)
+    return settings.batch_size, min(float(settings.seq_len), mean_seq_len / (1 - LENGTH_GROUPED_PADDING))
+
+
+def run_seconds_from_parts(
+    costs, micro_batches: float, optimizer_steps: float, gradient_checkpointing: bool, head_tokens: float,
+    allreduce_seconds_per_step: float = 0.0, length_scale: float = 1.0,
+) -> tuple[float, dict[str, float]]:
+    """(seconds, seconds by part) for a run of `micro_batches` forward+backward passes and
+    `optimizer_steps` optimizer steps, from one micro-batch's measured parts `costs`
+    (cpuft.hardware.step_cost.StepCosts). `length_scale`: planned / measured tokens per row
+    (costs are linear in it at these lengths). `head_tokens`: positions the lm_head scores per
+    micro-batch (the labelled ones with the compact CPU head, every one with TRL's). `allreduce_seconds_per_step`: DDP's gradient
+    exchange per optimizer step, 0 in one process."""
+    layer_forward = costs.layer_forward_seconds * (2 if gradient_checkpointing else 1)
+    parts = {
+        "decoder layers": micro_batches * costs.num_layers * (layer_forward + costs.layer_backward_seconds) * length_scale,
+        "lm_head + loss": micro_batches * costs.head_seconds_per_token * head_tokens,
+        "other": micro_batches * costs.other_seconds * length_scale,
+        "optimizer": optimizer_steps * costs.optimizer_seconds,
+        "all-reduce": optimizer_steps * allreduce_seconds_per_step,
+    }
+    return sum(parts.values()), parts
 
 
 def time_for_run(
     shape, settings, trainable_params: int, tokens: int, epochs: float, mean_seq_len: float,
     machine: MachineType | None, threads: int, utilization: float | None = None,
-    datasheet_flops: float | None = None,
+    datasheet_flops: float | None = None, model_config=None, gradient_accumulation_steps: int = 1,
+    packed: bool = False, cpu_lm_head: bool = False, allreduce_seconds_per_step: float = 0.0,
 ) -> TimeEstimate:
-    """Time (and cost on a declared machine type) for one run; measures a matmul when no peak
-    is declared. `shape` is a memory.ModelShape, `settings` a memory.RunSettings."""
+    """Time (and cost on a declared machine type) for one run. `shape` is a memory.ModelShape,
+    `settings` a memory.RunSettings.
+
+    On this machine's CPU, with `model_config` (the transformers config) given and no explicit
+    `utilization`, from the step's parts measured at the run's shapes (cpuft.hardware.step_cost);
+    otherwise from the FLOP count at a utilisation of the declared peak or a measured matmul.
+    `allreduce_seconds_per_step`: DDP's all-reduce per optimizer step (0 in one process)."""
     output_head_matmul = shape.vocab_size * shape.hidden_size  # tied or not, the head is a matmul
     flops_per_token = training_flops_per_token(
         shape.linear_params + output_head_matmul, trainable_params, shape.num_layers, shape.hidden_size,
@@ -317,6 +392,19 @@ def time_for_run(
         gradient_checkpointing=settings.gradient_checkpointing,
     )
     device = settings.device
+    notes = []
+    if settings.quantization != "none" and device == "cpu":
+        notes.append("QLoRA on CPU dequantises weights every matmul; expect it slower than this FLOP count says")
+    if machine is None and device == "cpu" and utilization is None and model_config is not None:
+        why_not = _why_not_measured(shape, settings)
+        if why_not is None:
+            try:
+                return _measured_time(shape, settings, tokens, epochs, mean_seq_len, threads, model_config,
+                                      flops_per_token, gradient_accumulation_steps, packed, cpu_lm_head,
+                                      allreduce_seconds_per_step)
+            except Exception as exc:  # an architecture the measurement cannot build: plan from FLOPs
+                why_not = f"measuring the step failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        notes.append(f"{why_not}: estimated from the FLOP count at a fixed utilisation, often 3-10x optimistic on CPU")
     if machine is not None:
         peak = machine.peak_for(settings.compute_dtype) or machine.peak_for("fp32")
         source = f"declared peak, {machine.name} {settings.compute_dtype}"
@@ -330,9 +418,53 @@ def time_for_run(
         peak = measure_gemm_flops(1024, 1024, 1024, settings.compute_dtype, threads).flops_per_second
         source = f"measured {settings.compute_dtype} 1024^3 matmul on this machine, {threads} threads"
         default_utilization = UTILIZATION_OF_MEASURED_MATMUL
-    notes = []
-    if settings.quantization != "none" and device == "cpu":
-        notes.append("QLoRA on CPU dequantises weights every matmul; expect it slower than this FLOP count says")
     return estimate_run_time(
         tokens, epochs, flops_per_token, peak, source, utilization or default_utilization, machine, tuple(notes),
+    )
+
+
+def _why_not_measured(shape, settings) -> str | None:
+    """Why step_cost cannot measure this run (None when it can)."""
+    if settings.quantization != "none":
+        return "step parts are measured for unquantised weights only"
+    if settings.training != "adapter" or settings.peft_method != "lora":
+        return f"step parts are measured for LoRA only, not {settings.method_label}"
+    if shape.encoder_decoder:
+        return "step parts are measured for decoder-only models only"
+    return None
+
+
+def _measured_time(shape, settings, tokens, epochs, mean_seq_len, threads, model_config, flops_per_token,
+                   accumulation, packed, cpu_lm_head, allreduce_seconds_per_step) -> TimeEstimate:
+    import math
+
+    from cpuft.hardware.step_cost import step_costs
+
+    rows, row_tokens = micro_batch_shape(settings, mean_seq_len, packed)
+    measured_len = min(settings.seq_len, SEQ_LEN_BUCKET * math.ceil(row_tokens / SEQ_LEN_BUCKET))
+    target = settings.target_modules
+    costs = step_costs(
+        model_config, rows, measured_len, settings.weights_dtype, settings.compute_dtype, settings.lora_r,
+        settings.lora_dropout, target.split(",") if "," in target else target, settings.attn_implementation,
+        threads, settings.optimizer, cpu_lm_head,
+    )
+    # Rows the run trains (each micro-batch holds `rows` of them), then micro-batches and steps.
+    tokens_per_micro_batch = rows * (row_tokens if packed else mean_seq_len)
+    micro_batches = tokens * epochs / max(1.0, tokens_per_micro_batch)
+    optimizer_steps = micro_batches / max(1, accumulation)
+    # The compact CPU head scores the trained (non-padding) positions only; TRL's every slot.
+    head_tokens = tokens_per_micro_batch if cpu_lm_head else rows * row_tokens
+    seconds, parts = run_seconds_from_parts(
+        costs, micro_batches, optimizer_steps, settings.gradient_checkpointing, head_tokens,
+        allreduce_seconds_per_step, length_scale=row_tokens / measured_len,
+    )
+    seconds_per_epoch = seconds / epochs if epochs else 0.0
+    return TimeEstimate(
+        tokens=tokens, epochs=epochs, flops_per_token=flops_per_token,
+        flops_per_second=tokens * epochs * flops_per_token / seconds if seconds else 0.0,
+        flops_source="implied by the measured step parts", utilization=None,
+        seconds_per_epoch=seconds_per_epoch, step_costs=costs.to_dict(), parts_seconds=parts,
+        micro_batches=micro_batches, optimizer_steps=optimizer_steps,
+        notes=(f"rows padded to ~{row_tokens:.0f} tokens ({'packed' if packed else f'length-grouped, {LENGTH_GROUPED_PADDING:.0%} padding assumed'});"
+               " eval, saving and data loading not counted",),
     )

@@ -17,8 +17,14 @@ and the headroom left. When nothing the planner may change fits, the plan stays 
 MemoryPlan's suggestions list what the user could change (shorter sequences, an 8-bit optimizer,
 LoRA instead of full fine-tuning, ...).
 
-`plan_job` is the one call for a `cpuft sft` job (and `cpuft plan`): request -> plan -> memory
--> fitted plan. Both functions are pure: no probing, no I/O.
+Under DDP the capacity is the node's: a CPU node's ranks each hold a full model copy (plus DDP's
+gradient buckets), so the fit sizes ranks_per_node x one rank against the node's RAM
+(cpuft.planning.memory); a CUDA rank has its own GPU.
+
+`plan_job` is the one call for a `cpuft sft` job (and `cpuft plan`): request (with the world and
+the model's architecture facts) -> plan -> memory -> fitted plan, with the gradient all-reduce
+per optimizer step (cpuft.planning.world) once the memory plan knows the gradient bytes. Both
+functions are pure: no probing, no I/O.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from cpuft.planning.memory import (
     usable_capacity,
 )
 from cpuft.planning.plan import Plan, PlanRequest, plan_for, weights_dtype_reason
+from cpuft.planning.world import allreduce_estimate
 
 CHECKPOINTING_COST = "it recomputes the forward pass (~1.5x slower measured)"
 
@@ -49,13 +56,18 @@ class JobPlan:
     settings: RunSettings | None
 
 
-def plan_job(machine, job, shape: ModelShape | None, training: str = "adapter", where: str | None = None) -> JobPlan:
+def plan_job(
+    machine, job, shape: ModelShape | None, training: str = "adapter", where: str | None = None,
+    ranks_per_node: int = 1, nodes: int = 1, architecture=None,
+) -> JobPlan:
     """Plan a `cpuft sft` job (an SFTJobConfig) on `machine`, fitted to its memory.
 
     `training="full"` sizes full fine-tuning instead of the adapter; `where` (a machine type's
-    name) is added to the capacity's label. Without a shape the plan is not fitted.
+    name) is added to the capacity's label; `ranks_per_node` x `nodes` is the DDP world (each
+    node like `machine`); `architecture` (cpuft.planning.architecture.ArchitectureFacts) the
+    model's class, attention and adapter targets. Without a shape the plan is not fitted.
     """
-    request = PlanRequest.from_job(job, shape.total_params if shape else None)
+    request = PlanRequest.from_job(job, shape.total_params if shape else None, ranks_per_node, nodes, architecture)
     plan = plan_for(machine, request)
     if shape is None:
         return JobPlan(plan, None, None)
@@ -68,6 +80,7 @@ def plan_job(machine, job, shape: ModelShape | None, training: str = "adapter", 
         return replace(settings, training="full") if training == "full" else settings
 
     plan, memory = fit_plan_to_memory(plan, request, shape, settings_for, capacity, label)
+    plan = replace(plan, allreduce=allreduce_estimate(memory.gradients_bytes, plan.world_size, plan.nodes, plan.device))
     return JobPlan(plan, memory, memory.settings)
 
 

@@ -44,8 +44,12 @@ def format_env_table(machine: Machine, plan: Plan | None) -> str:
     if plan is not None:
         lines.append("")
         lines.append("Plan")
-        for name, value, why in plan.rows():
-            head = f"  {name:<22} {value:<24} "
+        rows = plan.rows()
+        # As wide as the longest value (DDP's world and batch run long), within reason: a longer
+        # one pushes its own row's reason right.
+        value_width = min(32, max(24, *(len(value) for _, value, _ in rows)))
+        for name, value, why in rows:
+            head = f"  {name:<22} {value:<{value_width}} "
             wrapped = textwrap.wrap(why, max(30, width - len(head))) or [""]
             lines.append(head + wrapped[0])
             lines.extend(" " * len(head) + more for more in wrapped[1:])

@@ -14,7 +14,7 @@ arrives while a batch runs waits for the whole batch to end, and rows that have 
 still computed (as padding) until the longest row is done.
 
 Each row stops on its own, inside generate, through one StoppingCriteria (`_RowStopper`): at an
-end-of-text token (unless `ignore_eos`), when its text contains one of its stop strings (the text
+end-of-text token (`stop_token_ids`, the set `cpuft generate` stops on; unless `ignore_eos`), when its text contains one of its stop strings (the text
 is cut before it), at its own max_tokens, or when its client has gone away (cancelled).
 Streaming rows send their new text after every token, holding back a tail that may still turn
 into a stop string or that ends in an incomplete UTF-8 character.
@@ -36,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from cpuft.errors import first_line
-from cpuft.inference.generate import GenerationSettings
+from cpuft.inference.generate import GenerationSettings, stop_token_ids
 from cpuft.inference.loading import LoadedModel, device_of
 
 
@@ -114,14 +114,6 @@ class Job:
         raise AssertionError("unreachable: events() ends with Finished or Failed")
 
 
-def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
-    """End-of-text ids: the tokenizer's and those in the model's generation config (often several)."""
-    ids = {loaded.tokenizer.eos_token_id}
-    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return frozenset(i for i in ids if i is not None)
-
-
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, max_queue: int = 16):
         if max_batch_size < 1 or max_queue < 1:
@@ -129,7 +121,7 @@ class Engine:
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self._eos_ids = eos_token_ids(loaded)
+        self._eos_ids = frozenset(stop_token_ids(loaded.tokenizer, loaded.model))
         self._waiting: deque[Job] = deque()
         self._batch: list[Job] = []  # the jobs being generated now
         self._stopping = False

@@ -115,12 +115,13 @@ class JobLease:
         owner: str | None = None,
         ttl_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
+        host: str | None = None,
     ):
         if not _SAFE_JOB_NAME.match(job):
             raise UserError(f"job name {job!r} cannot name a lease (letters, digits, '.', '_', '-').")
         self.store = store if isinstance(store, RunStore) else RunStore(store)
         self.job = job
-        self.host = socket.gethostname()
+        self.host = host or socket.gethostname()  # what other schedulers see as the holder's machine
         self.owner = owner or f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl_seconds = ttl_seconds
         self.clock = clock

@@ -30,7 +30,6 @@ the training loop.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import uuid
@@ -42,11 +41,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cpuft.artifacts import atomic_directory
+from cpuft.checkpoints import CHECKPOINT_NAME
 from cpuft.errors import UserError, first_line
 from cpuft.storage.manifest import MANIFEST_NAME, Manifest, sha256_of_file
 
-# The Trainer's checkpoint directory names (transformers.trainer_utils.PREFIX_CHECKPOINT_DIR).
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # Plain run files a resumed run needs (summary.json tells the batch runner a run had finished).
 RUN_FILES = ("config.yaml", "plan.json", "metrics.jsonl", "summary.json")
 ADAPTER_DIR = "adapter"
@@ -149,10 +147,11 @@ class RunStore:
             target = self.path(f"{name}/{entry.path}")
             self._make_parent(target)
             self.fs.put_file(str(local_dir / entry.path), target)
-        self._put_bytes(manifest.to_json(), f"{name}/{MANIFEST_NAME}")
+        self.put_bytes(manifest.to_json(), f"{name}/{MANIFEST_NAME}")
         return manifest
 
-    def _put_bytes(self, data: bytes, name: str) -> None:
+    def put_bytes(self, data: bytes, name: str) -> None:
+        """Write `data` as the whole of `name`: to a temporary name, then moved over `name`."""
         final = self.path(name)
         temp = f"{final}{_TEMP_MARK}{uuid.uuid4().hex[:12]}"
         self._make_parent(final)
@@ -208,6 +207,13 @@ class RunStore:
 
     def has(self, name: str) -> bool:
         return self.fs.exists(self.path(name))
+
+    def get_bytes(self, name: str) -> bytes | None:
+        """The whole of the stored file `name`, or None when there is none."""
+        try:
+            return self.fs.cat_file(self.path(name))
+        except FileNotFoundError:
+            return None
 
     # ------------------------------------------------------------------ retention
 

@@ -30,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cpuft.checkpoints import CHECKPOINT_NAME
 from cpuft.errors import first_line
-from cpuft.storage.store import CHECKPOINT_NAME, RunStore, warn_to_stderr
+from cpuft.storage.store import RunStore, warn_to_stderr
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""TrainerCallbacks: progress with tokens/s, metrics.jsonl, checkpoint-on-signal, store sync.
+"""TrainerCallbacks: progress with tokens/s, metrics.jsonl (training and evaluation logs alike),
+early stopping, checkpoint-on-signal, store sync.
 
 A spot VM's preemption notice gives about 30 seconds: on SIGTERM or SIGINT the trainer stops
 after the current micro-batch (not the whole optimizer step: with gradient accumulation a step
@@ -101,6 +102,17 @@ class MetricsCallback(TrainerCallback):
     @property
     def losses(self) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in self.records if "loss" in r]
+
+
+def evaluation_callbacks(config) -> list[TrainerCallback]:
+    """transformers' EarlyStoppingCallback when `early_stopping_patience` is set: it stops the run
+    after that many evaluations in a row without an eval_loss lower than the best by more than
+    `early_stopping_threshold` (cpuft.config.job checks that eval_steps is set)."""
+    if config.early_stopping_patience is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold)]
 
 
 class CheckpointOnSignal(TrainerCallback):

@@ -1,7 +1,8 @@
 """The base model and tokenizer for training, loaded the way the plan says.
 
-Owns: the model path recorded in the adapter, the tokenizer policy (a chat template is required
-for conversational data; pad falls back to EOS), loading the weights in the planned dtype,
+Owns: the model path recorded in the adapter, the tokenizer policy (pad falls back to EOS; a
+tokenizer without a chat template gets cpuft's default one for conversational data, in the recipe:
+cpuft.data.chat_template), the embedding resize for tokens that adds, loading the weights in the planned dtype,
 attention and quantisation (bitsandbytes NF4/INT8), readying a quantised model for training, and
 the QLoRA-on-CPU patch that keeps the adapter in fp32.
 
@@ -15,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cpuft.dtypes import torch_dtype
-from cpuft.errors import UserError
-from cpuft.modeling import bitsandbytes_config
+from cpuft.modeling import bitsandbytes_config, loading_error, pretrained_kwargs
 
 
 def resolve_model_path(model: str) -> str:
@@ -26,31 +26,26 @@ def resolve_model_path(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
-def load_tokenizer(model: str, row_format: str):
+def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, **pretrained_kwargs(model, revision, trust_remote_code))
     except Exception as exc:
-        raise UserError(f"cannot load the tokenizer of '{model}': {exc}") from None
-    if row_format != "text" and not tokenizer.chat_template:
-        raise UserError(
-            f"the tokenizer of '{model}' has no chat template, so conversational"
-            f" data ({row_format}) cannot be formatted. Use an instruct/chat model,"
-            " or plain text data with --dataset-format text."
-        )
+        raise loading_error(model, exc, f"cannot load the tokenizer of '{model}': {exc}") from None
     if tokenizer.pad_token is None:
         # Padding is masked out of the loss and attention; reusing EOS is the common choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(model: str, plan, model_config):
+def load_model(model: str, plan, model_config, revision: str | None = None, trust_remote_code: bool = False):
     """The base model in the plan's weights dtype, attention kernel and quantisation, on its device;
     `model_config` (its PretrainedConfig) picks the Auto class: seq2seq for T5/mT5, causal otherwise."""
     from cpuft.planning.architecture import auto_model_class
 
     kwargs: dict[str, Any] = {
+        **pretrained_kwargs(model, revision, trust_remote_code),
         "dtype": torch_dtype(plan.weights_dtype),
         "attn_implementation": plan.attn_implementation,
     }
@@ -60,10 +55,39 @@ def load_model(model: str, plan, model_config):
     try:
         loaded = auto_model_class(model_config).from_pretrained(model, **kwargs)
     except Exception as exc:
-        raise UserError(f"cannot load model weights of '{model}': {exc}") from None
+        raise loading_error(model, exc, f"cannot load model weights of '{model}': {exc}") from None
     if plan.device == "cuda" and plan.quantization == "none":
         loaded = loaded.to("cuda")
     return loaded
+
+
+def fit_model_to_tokenizer(model, tokenizer, seed: int) -> int | None:
+    """Ready `model` for a tokenizer that gained tokens (cpuft.data.chat_template): grow the
+    embedding (and an untied output head) to len(tokenizer) where the ids run past its rows, and
+    make the tokenizer's EOS the model's (generation stops at the end of a reply). Returns the new
+    row count, or None when the rows already cover every id (many checkpoints carry spare rows).
+
+    Exactly len(tokenizer), no padding to a multiple: stock PEFT's AutoPeftModel resizes a base to
+    len(tokenizer) before it loads the adapter, and the shapes must agree. transformers samples
+    the new rows around the mean of the old ones; seeded, so a resumed run starts them alike.
+    """
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return None
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its note on how new rows are initialised: they are trained anyway
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(len(tokenizer))
+    finally:
+        hf_logging.set_verbosity(previous)
+    return len(tokenizer)
 
 
 def prepare_quantized_for_training(model, plan):

@@ -16,6 +16,14 @@ cpuft.config.passthrough's (`cpuft sft --help-peft METHOD` lists them). In short
 
 LoHa and LoKr have no input dropout (their rank/module dropouts are left at PEFT's 0).
 Every method saves with `save_pretrained` and reloads with `PeftModel.from_pretrained`.
+
+Tokens added to the vocabulary (cpuft's default chat template on a base model) have untrained
+embedding rows: `embedding_rows_to_train` names them for PEFT's `trainable_token_indices`, which
+trains and saves just those rows. Chosen over `modules_to_save=[embeddings, head]` because that
+copies and trains the whole vocabulary x hidden matrices (and saves them: ~1 GB at Qwen2.5-0.5B
+in fp32), and with tied embeddings (most small models) it trains two copies that drift apart;
+PEFT ties the trainable rows of the input embedding to a tied output head itself, and an untied
+head gets its own rows. Only methods whose config has the field (LoRA, AdaLoRA) can do this.
 """
 
 from __future__ import annotations
@@ -33,11 +41,15 @@ from cpuft.errors import UserError
 PEFT_METHODS = values(PeftMethod)
 
 
-def build_peft_config(config, total_steps: int | None = None, task_type: str = "CAUSAL_LM"):
+def build_peft_config(
+    config, total_steps: int | None = None, task_type: str = "CAUSAL_LM",
+    trainable_tokens: dict[str, list[int]] | None = None,
+):
     """PEFT config object for `config.peft_method` (a cpuft.config.job.SFTJobConfig).
 
     `total_steps` is required for AdaLoRA, whose rank schedule is laid out over the whole run;
-    `task_type` is the model's (cpuft.planning.architecture.task_type: SEQ_2_SEQ_LM for T5/mT5).
+    `task_type` is the model's (cpuft.planning.architecture.task_type: SEQ_2_SEQ_LM for T5/mT5);
+    `trainable_tokens` ({embedding module: token ids}, `embedding_rows_to_train`) trains those rows too.
     """
     method = config.peft_method
     if method not in PEFT_METHODS:
@@ -46,7 +58,71 @@ def build_peft_config(config, total_steps: int | None = None, task_type: str = "
         raise UserError("peft_method adalora needs the run's total steps: set max_steps (or epochs with a dataset).")
     kwargs, source = peft_config_kwargs(config, total_steps or 0)
     kwargs["task_type"] = task_type
+    if trainable_tokens:
+        check_can_train_new_tokens(config)
+        kwargs["trainable_token_indices"] = trainable_tokens
     return build_library_config(peft_config_class(method), kwargs, source, config.origins)
+
+
+def check_can_train_new_tokens(config) -> None:
+    """UserError unless `config.peft_method` can train the embedding rows of added tokens."""
+    from cpuft.config.passthrough import peft_fields
+
+    method = config.peft_method
+    if "trainable_token_indices" not in peft_fields(method):
+        raise UserError(
+            f"the tokenizer has no chat template, so cpuft adds its default ChatML template and two"
+            f" tokens whose embedding rows must be trained; peft_method {method} cannot train them"
+            " (PEFT's trainable_token_indices is a LoRA/AdaLoRA field). Use --peft-method lora, a"
+            " model with a chat template, or plain text data (--dataset-format text)."
+        )
+    if config.peft_args.get("trainable_token_indices") is not None:
+        where = config.origins.get("trainable_token_indices", "trainable_token_indices")
+        raise UserError(
+            f"{where}: cpuft sets trainable_token_indices itself here, for the tokens its default chat"
+            " template adds; remove the key (or use a model with a chat template to set it yourself)."
+        )
+
+
+def embedding_rows_to_train(model, token_ids) -> dict[str, list[int]]:
+    """{module name: ids} for `trainable_token_indices`: the input embedding's rows, and the
+    output head's too when it is not tied to the embedding (PEFT follows a tied head itself)."""
+    names = {module: name for name, module in model.named_modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = {names[embedding]: list(token_ids)}
+    if head is not None and head.weight is not embedding.weight:
+        rows[names[head]] = list(token_ids)
+    return rows
+
+
+def let_trl_read_trained_head_rows(model) -> None:
+    """Give a head wrapped for trainable token rows the `bias` attribute TRL 1.16 reads.
+
+    TRL's SFTTrainer computes the loss from `lm_head.weight` and `lm_head.bias` directly (its
+    chunked "fused LM head"). PEFT's TrainableTokensWrapper answers `.weight` with the merged,
+    differentiable weight (the trained rows included), but has no `.bias`, so training fails; the
+    wrapped head's own bias (None for most models) is the right answer.
+    """
+    from peft.utils.other import TrainableTokensWrapper
+
+    head = model.get_output_embeddings()
+    if isinstance(head, TrainableTokensWrapper) and "bias" not in head.__dict__:
+        head.bias = head.original_module.bias
+
+
+def save_only_trained_token_rows(peft_model) -> None:
+    """Make every save of `peft_model` (checkpoints and the final adapter) leave the resized
+    embedding out.
+
+    PEFT's save_embedding_layers="auto" saves the whole embedding and head once the vocabulary
+    has grown (vocabulary x hidden floats, hundreds of MB per checkpoint at Pythia or BLOOM
+    sizes); the trainable token rows hold the full trained values, not deltas, and the base's
+    other rows are unchanged, so the rows are all a reload needs. The Trainer's checkpoint save
+    offers no way to pass the option, hence the bound default.
+    """
+    import functools
+
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
 
 
 def method_callbacks(config) -> list:

@@ -3,8 +3,9 @@
 Owns: reading the model's config, planning the run for this machine fitted to its memory
 (cpuft.planning.fit) with the model's own attention and adapter targets (cpuft.planning.architecture),
 printing the plan table, the memory estimate (a UserError, with the options that would fit, when
-the run cannot fit) and the time estimate (cpuft.planning.cloud.time_for_run, which times a
-matmul when no peak is declared: no benchmark runs here).
+the run cannot fit) and the time estimate (cpuft.planning.cloud.time_for_run: on this machine
+from the step's parts timed at the run's own shapes, cpuft.hardware.step_cost, a few seconds and
+cached; from declared peaks for --machine-type).
 
 Limits: architectures the memory estimator cannot build from their config alone get neither a
 memory check nor a time estimate (`model_shape` is None); the run still goes ahead.
@@ -12,13 +13,13 @@ memory check nor a time estimate (`model_shape` is None); the run still goes ahe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from cpuft.errors import UserError
 from cpuft.modeling import read_model_config
 from cpuft.planning.architecture import architecture_facts
-from cpuft.planning.plan import Plan, with_architecture
+from cpuft.planning.plan import Plan
 from cpuft.planning.report import format_env_table
 
 
@@ -31,17 +32,18 @@ class Preflight:
     memory_plan: Any = None  # cpuft.planning.memory.MemoryPlan, with model_shape
 
 
-def plan_and_check_memory(config, machine, log=print) -> Preflight:
+def plan_and_check_memory(config, machine, log=print, world=None) -> Preflight:
     """Plan the job `config` (SFTJobConfig) on `machine`, fitted to its memory (checkpointing, a
     smaller micro-batch or NF4 turn on by themselves where the config leaves them to the planner);
     print the plan and its memory estimate; UserError before anything is loaded if it cannot fit."""
     from cpuft.planning.fit import plan_job
 
-    model_config = read_model_config(config.model)
+    model_config = read_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
     shape = _model_shape_or_none(model_config)
-    fitted = plan_job(machine, config, shape)
-    plan = with_architecture(fitted.plan, architecture_facts(model_config, config.attn_implementation, config.lora_target_modules))
-    fitted = replace(fitted, plan=plan)
+    fitted = plan_job(
+        machine, config, shape, ranks_per_node=world.local_size if world else 1, nodes=world.nodes if world else 1,
+        architecture=architecture_facts(model_config, config.attn_implementation, config.lora_target_modules),
+    )
     # The plan first, then what it costs in memory and time: read top to bottom before loading.
     log(format_env_table(machine, fitted.plan) + "\n")
     if fitted.memory is not None:
@@ -49,8 +51,11 @@ def plan_and_check_memory(config, machine, log=print) -> Preflight:
     return Preflight(model_config, shape, fitted.plan, fitted.settings, fitted.memory)
 
 
-def estimate_time(preflight: Preflight, config, train_rows, tokenizer, log=print):
-    """Print the expected training time (and cost on --machine-type); None without a memory plan."""
+def estimate_time(preflight: Preflight, config, train_rows, tokenizer, log=print, allreduce_seconds_per_step: float = 0.0):
+    """Print the expected training time (and cost on --machine-type); None without a memory plan.
+
+    On this machine it times the step's parts at the run's shapes (cpuft.hardware.step_cost, a
+    few seconds, cached); `allreduce_seconds_per_step`: DDP's gradient exchange (default: the plan's `allreduce`, none in one process)."""
     from cpuft.planning.cloud import (
         MACHINE_TYPES,
         planned_epochs,
@@ -62,11 +67,15 @@ def estimate_time(preflight: Preflight, config, train_rows, tokenizer, log=print
         return None
     plan = preflight.plan
     tokens, tokens_per_row = tokens_per_epoch(train_rows, tokenizer, config.max_length)
-    epochs = planned_epochs(config.max_steps, plan.effective_batch_size, len(train_rows), config.num_train_epochs)
+    tokens = round(tokens / plan.world_size)  # each rank trains its share, all in parallel
+    epochs = planned_epochs(config.max_steps, plan.effective_batch_size, len(train_rows) / plan.world_size, config.num_train_epochs)
     machine_type = MACHINE_TYPES[config.machine_type] if config.machine_type else None
     estimate = time_for_run(
         preflight.model_shape, preflight.run_settings, preflight.memory_plan.trainable_params, tokens, epochs,
         tokens_per_row, machine_type, plan.threads, datasheet_flops=plan.peak_flops,
+        model_config=preflight.model_config, gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        packed=plan.packing, cpu_lm_head=plan.cpu_lm_head,
+        allreduce_seconds_per_step=allreduce_seconds_per_step or (plan.allreduce.seconds if plan.allreduce else 0.0),
     )
     log(estimate.format())
     return estimate

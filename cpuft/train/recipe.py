@@ -4,8 +4,11 @@ TRL's SFTTrainer, planned for this machine.
 The job, top to bottom (`setup()`, `train()`, `finalize()`):
 1. setup: check the run directory (train.run_dir), plan the run and print the plan, its memory
    estimate and, once the data is tokenisable, its time estimate (train.preflight); validate
-   and split the data (cpuft.data.prepare); load the tokenizer and the base model as planned
-   (train.model_loading). Nothing is written before all of that has passed.
+   and split the data (cpuft.data.prepare); load the tokenizer (a base model's without a chat
+   template gets cpuft's default ChatML one and its two tokens: cpuft.data.chat_template);
+   tokenise conversations with their loss mask (cpuft.data.loss_mask); load the base model as
+   planned, its embedding grown for added tokens (train.model_loading). Nothing is written
+   before all of that has passed.
 2. train: on --resume, find the last checkpoint and trim metrics.jsonl to it; write config.yaml
    and plan.json; build the SFTTrainer (SFTConfig from train.trainer_args, the PEFT config from
    train.peft_methods, callbacks from train.callbacks) and train.
@@ -13,6 +16,13 @@ The job, top to bottom (`setup()`, `train()`, `finalize()`):
    summary.json (train.summary), all atomically.
 
 Features:
+- the loss on what the model should learn: conversations (and prompt/completion, alpaca rows,
+  which become one-turn conversations) train on the assistant's replies and their end-of-turn
+  tokens only, for any chat template (`loss_on: all` trains on every token); plain text rows on
+  every token. The end-of-run eval loss scores the same tokens; summary.json records the counts;
+- base models without a chat template train on conversations with cpuft's default ChatML
+  template; the new tokens' embedding rows are trained and saved with the adapter (PEFT's
+  trainable_token_indices), so stock AutoPeftModelForCausalLM reloads it;
 - the plan (device, dtype, threads, batch, checkpointing, packing, compile) comes with a reason
   for each choice, and every later step reads it; nothing re-probes the hardware;
 - a memory estimate that stops a run which cannot fit before the weights load, with the options
@@ -40,9 +50,9 @@ stops all at the same step. Limits: `--resume` across machines needs the run dir
 shared filesystem (or restored on each node); architectures the memory estimator cannot build get no memory or time estimate.
 
 Errors: UserError (exit 2) for bad input (an occupied output directory, --resume without a run
-or a checkpoint, bad config or data, a model or tokenizer that will not load, conversational
-data without a chat template, a run that cannot fit in memory), always before anything is
-written. Anything else is a failed run (exit 1).
+or a checkpoint, bad config or data, a model or tokenizer that will not load, a chat template
+cpuft cannot mask faithfully, added tokens with a PEFT method that cannot train their rows, a
+run that cannot fit in memory), always before anything is written. Anything else is a failed run (exit 1).
 """
 
 from __future__ import annotations
@@ -55,16 +65,17 @@ from typing import Any
 
 from cpuft.artifacts import atomic_directory, atomic_write_json, write_loss_curve
 from cpuft.config.job import SFTJobConfig
+from cpuft.config.passthrough import loads_best_checkpoint
 from cpuft.data.prepare import PreparedData, prepare_dataset
+from cpuft.errors import UserError
 from cpuft.hardware.probe import Machine
 from cpuft.planning.plan import Plan
 from cpuft.train.distributed import (
     World,
-    allreduce_bytes,
     bind_to_numa_node,
-    threads_per_rank,
 )
 from cpuft.train.model_loading import (
+    fit_model_to_tokenizer,
     keep_cpu_adapter_in_fp32,
     load_model,
     load_tokenizer,
@@ -79,7 +90,12 @@ from cpuft.train.run_dir import (
     read_metrics,
     write_run_header,
 )
-from cpuft.train.summary import ModelFacts, run_summary, trainable_parameter_count
+from cpuft.train.summary import (
+    ModelFacts,
+    measured_eval_loss,
+    run_summary,
+    trainable_parameter_count,
+)
 
 # Bounded waits for the background uploads at the end of a run (seconds).
 SIGNAL_FLUSH_SECONDS = 20.0
@@ -110,6 +126,8 @@ class SFTRecipe:
         self.started = time.perf_counter()
         self.store = None  # cpuft.storage.RunStore with --sync-to
         self.uploader = None
+        self.default_template = None  # cpuft.data.chat_template.DefaultTemplate, for a tokenizer without one
+        self.loss_masks = {}  # "train"/"eval" -> cpuft.data.loss_mask.LossMaskCounts (conversational rows)
         self.world = World.from_env()  # rank 0 alone writes the run directory, logs and draws progress
         if not self.world.is_main:
             self.log, self.show_progress = (lambda *a, **k: None), False
@@ -129,23 +147,66 @@ class SFTRecipe:
         config.model = resolve_model_path(config.model)
         if self.world.distributed:
             bound = bind_to_numa_node(self.world)
-            self.config_threads_given = config.threads is not None
-            if config.threads is None:  # all cores on every rank would oversubscribe them N times
-                config.threads = threads_per_rank(self.machine.physical_cores, self.world.local_size)
-            self.log(f"rank {self.world.rank} of {self.world.size}: {config.threads} threads"
-                     f" ({self.world.local_size} ranks share {self.machine.physical_cores} physical cores)"
-                     + (f", bound to CPUs {bound[0]}-{bound[-1]}" if bound else ""))
-        preflight = plan_and_check_memory(config, self.machine, self.log)
+            if bound:  # the plan gives threads per rank and why
+                self.log(f"rank {self.world.rank} of {self.world.size}: bound to CPUs {bound[0]}-{bound[-1]}")
+        preflight = plan_and_check_memory(config, self.machine, self.log, world=self.world)
         self.plan, self.memory_plan = preflight.plan, preflight.memory_plan
         torch.set_num_threads(self.plan.threads)
         self.data = prepare_dataset(
             config.dataset, row_format=config.dataset_format, split=config.dataset_split,
             eval_fraction=config.eval_fraction, max_samples=config.max_samples, seed=config.seed,
+            revision=config.dataset_revision,
         )
-        self.tokenizer = load_tokenizer(config.model, self.data.row_format)
-        self.time_estimate = estimate_time(preflight, config, self.data.train, self.tokenizer, self.log)
-        self.model = load_model(config.model, self.plan, preflight.model_config)
+        if self.plan.task_type == "SEQ_2_SEQ_LM":  # T5/mT5: prompt/target pairs (cpuft.train.seq2seq)
+            from cpuft.train.seq2seq import prepare_seq2seq
+
+            self.tokenizer, self.data, self.time_estimate = prepare_seq2seq(preflight, config, self.data, self.log)
+        else:
+            self.tokenizer = load_tokenizer(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
+            if "messages" in self.data.train.column_names:
+                self._tokenize_conversations()
+            self.time_estimate = estimate_time(preflight, config, self.data.train, self.tokenizer, self.log)
+        self.model = load_model(config.model, self.plan, preflight.model_config, revision=config.revision,
+                                trust_remote_code=config.trust_remote_code)
+        if self.default_template is not None:
+            fit_model_to_tokenizer(self.model, self.tokenizer, config.seed)
         self.model_facts = ModelFacts.of(self.model)
+
+    def _tokenize_conversations(self) -> None:
+        """Conversations -> TRL pre-tokenised rows whose loss mask follows `loss_on`
+        (cpuft.data.loss_mask), train and eval alike, so the end-of-run eval loss scores the same
+        tokens; a tokenizer without a chat template first gets cpuft's default one
+        (cpuft.data.chat_template). Prints what the loss counts, and what in the data stops it."""
+        from datasets import Dataset
+
+        from cpuft.data.chat_template import install_default_chat_template
+        from cpuft.data.loss_mask import tokenize_conversations
+        from cpuft.train.peft_methods import check_can_train_new_tokens
+
+        self.default_template = install_default_chat_template(self.tokenizer)
+        if self.default_template is not None:
+            check_can_train_new_tokens(self.config)
+            self.log(self.default_template.describe())
+        for split in ("train", "eval"):
+            rows = getattr(self.data, split)
+            if rows is None:
+                continue
+            tokenized, counts = tokenize_conversations(
+                rows["messages"], self.tokenizer, self.config.loss_on, self.config.max_length,
+                where=getattr(self.data, f"{split}_where"),
+            )
+            setattr(self.data, split, Dataset.from_list(tokenized))
+            self.loss_masks[split] = counts
+        train_counts = self.loss_masks["train"]
+        if train_counts.conversations and train_counts.loss_tokens == 0:  # the run would take 0 steps
+            raise UserError(
+                f"{self.config.dataset}: no conversation has a token to train on after truncation to"
+                f" max_length {self.config.max_length} (loss_on: {self.config.loss_on}); every reply lies"
+                " past it. Raise --max-length, shorten the prompts, or pass --loss-on all."
+            )
+        self.log(train_counts.describe())
+        for line in train_counts.warnings():
+            self.log(f"cpuft: warning: {line}")
 
     def train(self) -> RunResult:
         resume_from = None
@@ -157,7 +218,7 @@ class SFTRecipe:
 
             resume_from = get_last_checkpoint(str(self.run_dir))
         if self.world.is_main:
-            write_run_header(self.run_dir, self.config, self.machine, self.plan, self._world_plan())
+            write_run_header(self.run_dir, self.config, self.machine, self.plan)  # the plan holds the world
         if self.store is not None and self.world.is_main:
             from cpuft.storage import BackgroundUploader
 
@@ -166,10 +227,6 @@ class SFTRecipe:
                 self.uploader.upload_file(self.run_dir / name)
         self.trainer = self.build_trainer()
         self.trainable_params = trainable_parameter_count(self.trainer.model)
-        if self.world.distributed:
-            # DDP's ring all-reduce sends and receives about 2x the fp32 gradients per step.
-            self.log(f"all-reduce per optimizer step: {allreduce_bytes(self.trainable_params) / 2**20:.2f} MiB"
-                     f" ({self.trainable_params:,} trainable parameters x 4 bytes x 2)")
         self.signals.install()
         try:
             self.trainer.train(resume_from_checkpoint=resume_from)
@@ -181,7 +238,10 @@ class SFTRecipe:
         interrupted = self.signals.interrupted
         eval_loss = None
         if not interrupted and self.data.eval is not None:
-            eval_loss = self.trainer.evaluate().get("eval_loss")  # every rank: it is a collective
+            # Evaluations during training may have measured the saved weights already.
+            eval_loss = measured_eval_loss(self.trainer.state, loads_best_checkpoint(self.config))
+            if eval_loss is None:
+                eval_loss = self.trainer.evaluate().get("eval_loss")  # every rank: it is a collective
         status = "interrupted" if interrupted else "completed"
         if not self.world.is_main:
             return RunResult(status, self.run_dir)
@@ -196,6 +256,7 @@ class SFTRecipe:
             trainer_state=self.trainer.state, metrics=self.metrics, logged=logged, eval_loss=eval_loss,
             wall_seconds=time.perf_counter() - self.started, model_facts=self.model_facts,
             trainable_params=self.trainable_params, memory_plan=self.memory_plan, time_estimate=self.time_estimate,
+            loss_masks=self.loss_masks, default_template=self.default_template,
         )
         atomic_write_json(self.run_dir / "summary.json", summary)
         self._make_durable(interrupted)
@@ -229,50 +290,61 @@ class SFTRecipe:
             CheckpointOnSignal,
             MetricsCallback,
             SyncToStore,
+            evaluation_callbacks,
         )
-        from cpuft.train.peft_methods import build_peft_config, method_callbacks
+        from cpuft.train.peft_methods import (
+            build_peft_config,
+            embedding_rows_to_train,
+            let_trl_read_trained_head_rows,
+            method_callbacks,
+            save_only_trained_token_rows,
+        )
         from cpuft.train.trainer_args import build_sft_config
 
         config, plan = self.config, self.plan
-        adapter_config = build_peft_config(config, total_steps=self._total_steps(), task_type=plan.task_type or "CAUSAL_LM")
+        adapter_config = build_peft_config(
+            config, total_steps=self._total_steps(), task_type=plan.task_type or "CAUSAL_LM",
+            trainable_tokens=(
+                embedding_rows_to_train(self.model, self.default_template.token_ids) if self.default_template else None
+            ),
+        )
         self.model = prepare_quantized_for_training(self.model, plan)
-        args = build_sft_config(config, plan, self.run_dir)
         self.metrics = MetricsCallback(self.run_dir / "metrics.jsonl", show_progress=self.show_progress)
         self.signals = CheckpointOnSignal()
-        trainer = SFTTrainer(
-            model=self.model,
-            args=args,
-            train_dataset=(
-                order_by_length(self.data.train, plan.per_device_batch_size, config.seed)
-                if plan.length_grouping else self.data.train
-            ),
-            eval_dataset=self.data.eval,
-            processing_class=self.tokenizer,
-            peft_config=adapter_config,
-            callbacks=[
-                self.metrics, self.signals, *method_callbacks(config),
-                *([SyncToStore(self.uploader, self.run_dir)] if self.uploader is not None else []),
-            ],
-        )
+        callbacks = [
+            self.metrics, self.signals, *method_callbacks(config), *evaluation_callbacks(config),
+            *([SyncToStore(self.uploader, self.run_dir)] if self.uploader is not None else []),
+        ]
+        if plan.task_type == "SEQ_2_SEQ_LM":  # T5/mT5: transformers' Seq2SeqTrainer (cpuft.train.seq2seq)
+            from cpuft.train.seq2seq import build_seq2seq_trainer
+
+            trainer = build_seq2seq_trainer(
+                self.model, adapter_config, config, plan, self.run_dir, self.data, self.tokenizer, callbacks
+            )
+        else:
+            trainer = SFTTrainer(
+                model=self.model,
+                args=build_sft_config(config, plan, self.run_dir),
+                train_dataset=(
+                    order_by_length(self.data.train, plan.per_device_batch_size, config.seed)
+                    if plan.length_grouping else self.data.train
+                ),
+                eval_dataset=self.data.eval,
+                processing_class=self.tokenizer,
+                peft_config=adapter_config,
+                callbacks=callbacks,
+            )
         keep_cpu_adapter_in_fp32(trainer, plan)
+        if plan.cpu_lm_head:  # why: the plan's reasons["cpu_lm_head"]; proof: tests/test_chunked_loss.py
+            from cpuft.train.chunked_loss import use_cpu_lm_head
+
+            use_cpu_lm_head(trainer)
+        if self.default_template is not None:
+            let_trl_read_trained_head_rows(trainer.model)
+            save_only_trained_token_rows(trainer.model)
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         return trainer
-
-    def _world_plan(self) -> dict | None:
-        """The DDP facts plan.json records (None in one process)."""
-        world = self.world
-        if not world.distributed:
-            return None
-        per_rank = self.plan.effective_batch_size
-        self.log(f"DDP over {world.size} ranks ({world.local_size} on this node): {self.plan.threads} threads"
-                 f" per rank, per-rank batch {per_rank}, global batch {per_rank * world.size}")
-        return {
-            "world_size": world.size, "ranks_per_node": world.local_size, "threads_per_rank": self.plan.threads,
-            "threads_reason": "requested" if self.config_threads_given
-            else f"{self.machine.physical_cores} physical cores shared by {world.local_size} ranks on the node",
-            "per_rank_batch_size": per_rank, "global_batch_size": per_rank * world.size,
-        }
 
     def _total_steps(self) -> int:
         """Optimizer steps the run will take (AdaLoRA lays its rank schedule over them)."""

@@ -6,7 +6,8 @@ useful FLOPs per trained token, and the summary record `cpuft sft` writes and pr
 MFU counts useful work only: the forward, backward and adapter-gradient matmuls and attention
 (cpuft.planning.flops), not gradient checkpointing's recompute, against the plan's peak FLOP/s.
 Tokens are non-padding tokens (TRL's `num_tokens`) of this process's steps, so a resumed run
-reports its own throughput.
+reports its own throughput: prompt tokens included, as the model reads them, though with
+loss_on assistant only the replies carry loss (`loss_mask` counts those).
 """
 
 from __future__ import annotations
@@ -49,13 +50,75 @@ def useful_flops_per_token(facts: ModelFacts, trainable_params: int, mean_seq_le
     )
 
 
+def evaluation_summary(config, trainer_state, interrupted: bool) -> dict:
+    """What evaluation during training (eval_steps) found: the best checkpoint (lowest eval_loss)
+    and its loss, whether adapter/ holds it, and whether early stopping ended the run."""
+    from cpuft.config.passthrough import loads_best_checkpoint
+
+    if config.eval_steps is None:
+        return {}
+    best = trainer_state.best_model_checkpoint
+    loads_best = loads_best_checkpoint(config)
+    return {
+        "eval_steps": config.eval_steps,
+        "evaluations": len(logged_eval_losses(trainer_state)),
+        "best_checkpoint": best,
+        "best_eval_loss": logged_eval_losses(trainer_state).get(_checkpoint_step(best)) if best else None,
+        "adapter_is_best_checkpoint": bool(loads_best and best and not interrupted),
+        # Before max_steps without a stop signal: only the EarlyStoppingCallback ends a run so.
+        "stopped_early": bool(config.early_stopping_patience is not None and not interrupted
+                              and trainer_state.global_step < trainer_state.max_steps),
+    }
+
+
+def logged_eval_losses(trainer_state) -> dict[int, float]:
+    """{step: eval_loss} of the evaluations the Trainer ran (its log_history: every rank has it)."""
+    return {entry["step"]: entry["eval_loss"] for entry in trainer_state.log_history if "eval_loss" in entry}
+
+
+def measured_eval_loss(trainer_state, loads_best: bool) -> float | None:
+    """The saved adapter's eval loss when training already measured it (so the run need not
+    evaluate again): the best checkpoint's when it is loaded at the end, else the last step's
+    evaluation; None when no evaluation measured those weights."""
+    losses = logged_eval_losses(trainer_state)
+    best = trainer_state.best_model_checkpoint
+    if loads_best and best:
+        return losses.get(_checkpoint_step(best))
+    return losses.get(trainer_state.global_step)
+
+
+def _checkpoint_step(checkpoint_dir: str) -> int:
+    return int(Path(checkpoint_dir).name.rsplit("-", 1)[-1])
+
+
+def loss_counted(loss_on: str, task_type: str | None, loss_masks: dict, has_eval: bool) -> dict:
+    """summary.json's record of which tokens the train (and eval) loss counted, and how many."""
+    if task_type == "SEQ_2_SEQ_LM":
+        counted = "target tokens"  # the decoder writes only the target (cpuft.train.seq2seq)
+    elif "train" not in loss_masks:
+        counted = "all tokens (plain text rows)"
+    else:
+        counted = "assistant tokens" if loss_on == "assistant" else "all tokens"
+    record = {
+        "loss_counted": counted,
+        "loss_mask": loss_masks["train"].to_dict() if "train" in loss_masks else None,
+        # trainer.evaluate() scores the held-out rows tokenised and masked like the training rows
+        "eval_loss_counted": counted if has_eval else None,
+    }
+    if "eval" in loss_masks:
+        record["eval_loss_mask"] = loss_masks["eval"].to_dict()
+    return record
+
+
 def run_summary(
     *, interrupted: bool, run_dir: Path, config, data, plan, trainer_state, metrics, logged: list[dict],
     eval_loss: float | None, wall_seconds: float, model_facts: ModelFacts, trainable_params: int,
-    memory_plan=None, time_estimate=None,
+    memory_plan=None, time_estimate=None, loss_masks: dict | None = None, default_template=None,
 ) -> dict:
     """The summary.json record. `metrics` is the run's MetricsCallback, `logged` every record of
-    metrics.jsonl (earlier processes of a resumed run included)."""
+    metrics.jsonl (earlier processes of a resumed run included); `loss_masks` the train/eval
+    cpuft.data.loss_mask.LossMaskCounts of conversational rows, `default_template` the
+    cpuft.data.chat_template.DefaultTemplate a tokenizer without a template got."""
     from cpuft.hardware.usage import peak_rss_bytes
 
     losses = [(m["step"], m["loss"]) for m in logged if "loss" in m]
@@ -96,7 +159,18 @@ def run_summary(
         "peak_flops_per_second": plan.peak_flops,
         "mfu": achieved / plan.peak_flops if plan.peak_flops else None,
         "adapter_dir": None if interrupted else str(run_dir / "adapter"),
+        "revision": config.revision,
+        "dataset_revision": config.dataset_revision,
+        "trust_remote_code": config.trust_remote_code,
+        **evaluation_summary(config, trainer_state, interrupted),
+        **loss_counted(config.loss_on, plan.task_type, loss_masks or {}, data.eval is not None),
     }
+    if default_template is not None:
+        summary["default_chat_template"] = {
+            "added_tokens": list(default_template.added_tokens),
+            "trained_token_ids": list(default_template.token_ids),
+            "eos_token": default_template.eos_token,
+        }
     if memory_plan is not None:
         # Predicted next to measured, so users can see how far to trust `cpuft plan`.
         summary["planned_memory_bytes"] = memory_plan.total_bytes

@@ -1,0 +1,141 @@
+"""The compact CPU lm_head (cpuft.train.chunked_loss) computes what the plain path computes.
+
+The yardstick is Hugging Face's own loss: the model's full-logits cross-entropy, `model(...,
+labels=...)`, and its gradients. Tolerances (fp32): |loss difference| <= 1e-5, every LoRA
+gradient within 1e-5 of the largest gradient's magnitude, entropy and top-1 against torch's own
+softmax of the full logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cpuft.hardware.tiles import lm_head_vocab_chunk
+
+
+def test_vocab_chunk_keeps_a_tile_at_one_million_elements():
+    # Hand-computed: the largest power of two with tokens x chunk <= 2**20, within [256, 32768].
+    assert lm_head_vocab_chunk(512) == 2048
+    assert lm_head_vocab_chunk(2048) == 512
+    assert lm_head_vocab_chunk(600) == 1024  # 600 x 2048 > 2**20
+    assert lm_head_vocab_chunk(1) == 32768  # capped at TRL's own width
+    assert lm_head_vocab_chunk(100_000) == 256  # the kernel works on 4096 tokens at a time
+
+
+def _lora_model(vocab: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give it values so A's gradient is real
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def _batch(vocab: int):
+    """Two rows of 320 tokens; the second padded after 200; prompt positions unlabelled."""
+    import torch
+
+    ids = torch.randint(0, vocab, (2, 320), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 200:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :40] = -100  # a prompt: no loss there
+    return ids, mask, labels
+
+
+def _loss_and_grads(model, **inputs):
+    loss = model(**inputs).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("vocab", [4096, 300])  # 4096: several vocabulary tiles; 300: one, not a power of two
+def test_compact_head_matches_full_logits_loss_and_gradients(vocab):
+    import torch
+
+    from cpuft.train.chunked_loss import patch_compact_head
+
+    model = _lora_model(vocab)
+    ids, mask, labels = _batch(vocab)
+    assert lm_head_vocab_chunk(int((labels[:, 1:] != -100).sum())) < 4096  # the 4096 case really tiles
+    plain_loss, plain_grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+
+    patch_compact_head(model.get_base_model())
+    fast = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    fast.loss.backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    assert abs(float(fast.loss.detach()) - float(plain_loss)) <= 1e-5
+    scale = max(g.abs().max() for g in plain_grads.values())
+    assert scale > 0
+    for name, grad in plain_grads.items():
+        assert (fast_grads[name] - grad).abs().max() <= 1e-5 * scale, name
+
+    # TRL's logs read entropy and top-1 at labelled positions: check them against the full softmax.
+    targets = labels[:, 1:]
+    labelled = targets != -100
+    assert torch.equal(fast.label_mask, labelled)
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    assert torch.allclose(fast.entropy[labelled], entropy[labelled], atol=1e-4)
+    top1 = logits.argmax(-1) == targets
+    assert torch.equal(fast.is_top1[labelled].bool(), top1[labelled])
+    assert float(fast.log_probs[~labelled].abs().max()) == 0.0  # nothing scored where no label is
+
+    # Without fused_lm_head the model's own forward runs: generation and evaluation are unchanged.
+    model.zero_grad(set_to_none=True)
+    again = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert abs(float(again.loss) - float(plain_loss)) <= 1e-6
+
+
+def test_sft_trainer_loss_is_the_same_with_the_compact_head(tiny_model_dir, tmp_path):
+    """Through TRL's own SFTTrainer.compute_loss (its fused head, then cpuft's), on one real batch."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from cpuft.train.chunked_loss import use_cpu_lm_head
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = [{"messages": [{"role": "user", "content": f"question {i} about cpu cores"},
+                          {"role": "assistant", "content": "an answer " * (3 + 4 * i)}]} for i in range(4)]
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_length=64, use_cpu=True,
+                     bf16=False, report_to=[], gradient_checkpointing=False, max_steps=1)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert int((batch["labels"] == -100).sum()) > 0  # padding in the batch: positions the head skips
+    trl_loss = float(trainer.compute_loss(trainer.model, dict(batch)))
+    assert use_cpu_lm_head(trainer)
+    cpuft_loss = float(trainer.compute_loss(trainer.model, dict(batch)))
+    assert abs(cpuft_loss - trl_loss) <= 1e-5
+    for metric in ("entropy", "mean_token_accuracy"):
+        first, second = trainer._metrics["train"][metric]
+        assert abs(first - second) <= 1e-4, metric
+
+
+def test_models_that_transform_logits_keep_trls_head():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from cpuft.train.chunked_loss import why_not_cpu_lm_head
+
+    config = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+    assert "final_logit_softcapping" in why_not_cpu_lm_head(Gemma2ForCausalLM(config))
