@@ -10,6 +10,7 @@ machine with the same thread count (tolerance 1e-6, as tests/test_batch_preempti
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -144,3 +145,21 @@ def test_store_unreachable_mid_run_training_goes_on_and_uploads_resume(tmp_path,
     assert "work again" in text and "synced to" in text
     assert (store / "adapter" / MANIFEST).is_file()
     assert max(stored_complete_checkpoints(store)) == MAX_STEPS
+
+
+def test_resume_skips_a_checkpoint_a_hard_kill_cut_short(tmp_path, capsys):
+    # The Trainer writes trainer_state.json last: checkpoint-4 without it was cut short mid-save.
+    from cpuft.train.run_dir import checkpoint_to_resume
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    (tmp_path / "checkpoint-3-notes").mkdir()  # not a checkpoint name: ignored
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)))
+
+    assert checkpoint_to_resume(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert [p.name.startswith("incomplete-checkpoint-4-") for p in tmp_path.glob("incomplete-*")] == [True]
+    assert "checkpoint-4 was cut short" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -44,7 +44,7 @@ from cpuft.artifacts import atomic_write_text
 from cpuft.batch.lock import EXIT_LOCKED, current_host, process_alive
 from cpuft.batch.queue import BatchJob, BatchQueue
 from cpuft.batch.state import JobRecord, StateStore
-from cpuft.checkpoints import CHECKPOINT_NAME, checkpoint_step
+from cpuft.checkpoints import checkpoint_step, newest_complete_checkpoint, set_aside
 from cpuft.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -453,18 +453,9 @@ def last_complete_checkpoint(run_dir: Path, log=print) -> Path | None:
     Newer, incomplete ones are renamed `incomplete-checkpoint-N-<time>` so that `cpuft sft
     --resume` (which takes the highest N) does not pick them.
     """
-    found = sorted(
-        (int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.match(p.name))
-    )
-    for _, path in reversed(found):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return path
-        except (OSError, ValueError):
-            aside = path.with_name(f"incomplete-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(path, aside)
-            log(f"{path} was cut short (no complete trainer_state.json); set aside as {aside.name}")
-    return None
+    complete, incomplete = newest_complete_checkpoint(run_dir)
+    set_aside(incomplete, log)
+    return complete
 
 
 def run_shutdown(command: str, log=print) -> int:

@@ -13,23 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpuft.artifacts import atomic_directory
+from cpuft.data.chat_template import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START
 
-PAD, BOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"
-
-# ChatML layout. Newlines are emitted inside expressions because transformers renders templates
-# with trim_blocks, which would swallow a newline after a block tag.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+PAD, BOS = "<|pad|>", "<|bos|>"
+# The tiny model speaks ChatML, the template cpuft gives base models (one definition).
+CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)

@@ -213,10 +213,11 @@ class SFTRecipe:
         if self.resume and self.world.is_main:
             resume_from = checkpoint_to_resume(self.run_dir)
             self.log(f"resuming from {resume_from}")
-        elif self.resume:
-            from transformers.trainer_utils import get_last_checkpoint
+        elif self.resume:  # the checkpoint rank 0 picks; only rank 0 sets the cut-short ones aside
+            from cpuft.checkpoints import newest_complete_checkpoint
 
-            resume_from = get_last_checkpoint(str(self.run_dir))
+            complete, _ = newest_complete_checkpoint(self.run_dir)
+            resume_from = str(complete) if complete else None
         if self.world.is_main:
             write_run_header(self.run_dir, self.config, self.machine, self.plan)  # the plan holds the world
         if self.store is not None and self.world.is_main:

@@ -12,10 +12,12 @@ that for queued jobs).
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 
 from cpuft.artifacts import atomic_write_json, atomic_write_text
+from cpuft.checkpoints import checkpoint_step, newest_complete_checkpoint, set_aside
 from cpuft.config.job import write_config_file
 from cpuft.errors import UserError
 
@@ -38,15 +40,16 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def checkpoint_to_resume(run_dir: Path) -> str:
-    """The last checkpoint-N in `run_dir`; metrics.jsonl is trimmed to it, since the resumed run
-    logs the steps after it again. UserError when there is none."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoint = get_last_checkpoint(str(run_dir))
-    if checkpoint is None:
-        raise UserError(f"--resume: no checkpoint-N directory in {run_dir} to resume from.")
-    _drop_metrics_after(run_dir / "metrics.jsonl", _checkpoint_step(checkpoint))
-    return checkpoint
+    """The last complete checkpoint-N in `run_dir`; newer ones a hard kill cut short are set aside
+    (renamed, with a warning). metrics.jsonl is trimmed to it, since the resumed run logs the
+    steps after it again. UserError when there is none."""
+    complete, incomplete = newest_complete_checkpoint(run_dir)
+    if complete is None:
+        found = f" ({len(incomplete)} cut short, left as they are)" if incomplete else ""
+        raise UserError(f"--resume: no complete checkpoint-N directory in {run_dir} to resume from{found}.")
+    set_aside(incomplete, log=lambda line: print(f"cpuft: warning: {line}", file=sys.stderr))
+    _drop_metrics_after(run_dir / "metrics.jsonl", checkpoint_step(complete.name))
+    return str(complete)
 
 
 def write_run_header(run_dir: Path, config, machine, plan, world: dict | None = None) -> None:
@@ -75,10 +78,6 @@ def read_metrics(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line cut short by a hard kill; the rest are whole
     return records
-
-
-def _checkpoint_step(checkpoint_dir: str) -> int:
-    return int(Path(checkpoint_dir).name.rsplit("-", 1)[-1])
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:

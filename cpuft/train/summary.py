@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cpuft.checkpoints import checkpoint_step
+
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -63,7 +65,7 @@ def evaluation_summary(config, trainer_state, interrupted: bool) -> dict:
         "eval_steps": config.eval_steps,
         "evaluations": len(logged_eval_losses(trainer_state)),
         "best_checkpoint": best,
-        "best_eval_loss": logged_eval_losses(trainer_state).get(_checkpoint_step(best)) if best else None,
+        "best_eval_loss": logged_eval_losses(trainer_state).get(checkpoint_step(Path(best).name)) if best else None,
         "adapter_is_best_checkpoint": bool(loads_best and best and not interrupted),
         # Before max_steps without a stop signal: only the EarlyStoppingCallback ends a run so.
         "stopped_early": bool(config.early_stopping_patience is not None and not interrupted
@@ -83,12 +85,8 @@ def measured_eval_loss(trainer_state, loads_best: bool) -> float | None:
     losses = logged_eval_losses(trainer_state)
     best = trainer_state.best_model_checkpoint
     if loads_best and best:
-        return losses.get(_checkpoint_step(best))
+        return losses.get(checkpoint_step(Path(best).name))
     return losses.get(trainer_state.global_step)
-
-
-def _checkpoint_step(checkpoint_dir: str) -> int:
-    return int(Path(checkpoint_dir).name.rsplit("-", 1)[-1])
 
 
 def loss_counted(loss_on: str, task_type: str | None, loss_masks: dict, has_eval: bool) -> dict:
