@@ -192,8 +192,13 @@ def test_a_rank_that_fails_or_stops_ends_the_job_and_resume_continues(qa_model_d
 
     # 2. --resume continues from the last complete checkpoint; SIGTERM to rank 1 then stops every
     # rank at the same step with one checkpoint (exit 75).
+    # The failed run may have logged steps past `first`; the resumed one trims them first, so wait
+    # for a step past `first` in a metrics file that is no longer the failed run's.
+    failed_run_metrics = (run_dir / "metrics.jsonl").read_text()
     launcher = _start([*resume, "--nproc-per-node", "2"], env)
-    _wait_for(lambda: any(r["step"] > first for r in metrics(run_dir) if "loss" in r), launcher, "a step after resuming")
+    _wait_for(lambda: (run_dir / "metrics.jsonl").read_text() != failed_run_metrics
+              and any(r["step"] > first for r in metrics(run_dir) if "loss" in r)
+              and _rank_process(launcher, 1) is not None, launcher, "a step after resuming")
     os.kill(_rank_process(launcher, 1).pid, signal.SIGTERM)
     out = _finish(launcher, 120)
     assert launcher.returncode == 75, out[-3000:]

@@ -173,7 +173,7 @@ def run_summary(
         # Predicted next to measured, so users can see how far to trust `cpuft plan`.
         summary["planned_memory_bytes"] = memory_plan.total_bytes
     if time_estimate is not None:
-        summary["planned_train_seconds"] = round(time_estimate.total_seconds, 1)
+        summary["planned_train_seconds"] = round(time_estimate.total_seconds, 3)
     if plan.device == "cuda":
         import torch
 
