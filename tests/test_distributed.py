@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from cpuft.errors import UserError
+from cpuft.planning.world import threads_per_rank
 from cpuft.train.distributed import (
     parse_cpulist,
     processes_per_node,
-    threads_per_rank,
     world_from_flags,
 )
 from tests.conftest import run_cpuft

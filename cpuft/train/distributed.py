@@ -44,9 +44,6 @@ from cpuft.errors import (
     UserError,
     first_line,
 )
-from cpuft.planning.world import (
-    threads_per_rank as threads_per_rank,  # re-exported for the recipe
-)
 
 NUMA_SYSFS = Path("/sys/devices/system/node")
 

@@ -52,17 +52,15 @@ def checkpoint_to_resume(run_dir: Path) -> str:
     return str(complete)
 
 
-def write_run_header(run_dir: Path, config, machine, plan, world: dict | None = None) -> None:
-    """config.yaml (the resolved job config) and plan.json (machine facts, the plan, and under
-    DDP the world: ranks, per-rank and global batch, threads per rank)."""
+def write_run_header(run_dir: Path, config, machine, plan) -> None:
+    """config.yaml (the resolved job config) and plan.json (machine facts, the model and the plan;
+    under DDP the plan holds the world: ranks, per-rank and global batch, threads per rank)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config_file(config, run_dir / "config.yaml")
     header = {"machine": machine.to_dict(), "plan": plan.to_dict(),
               "model": {"model": config.model, "revision": config.revision,
                         "trust_remote_code": config.trust_remote_code,
                         "dataset": config.dataset, "dataset_revision": config.dataset_revision}}
-    if world is not None:
-        header["world"] = world
     atomic_write_json(run_dir / "plan.json", header)
 
 
