@@ -49,6 +49,15 @@ def parse_args(argv):
     parser.add_argument("--steps-data", type=int, default=4, help="optimizer steps of data to build")
     parser.add_argument("--fp32", action="store_true", help="force fp32 (the plan's dtype otherwise)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--plain-steps", type=int, default=1,
+                        help="unprofiled steps to time (each its own batch); the median is reported")
+    parser.add_argument("--no-profile", action="store_true", help="time the plain steps only")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc mallopt: large allocations from the heap, freed memory kept (cpuft.hardware.allocator)")
+    parser.add_argument("--fused-swiglu", action="store_true",
+                        help="also fuse the MLP's silu(gate) * up (cpuft.train.fused_swiglu; not in the plan)")
+    parser.add_argument("--plan-off", default="", metavar="FIELD[,FIELD]",
+                        help="turn these boolean plan fields off to measure what they save, e.g. fused_lora,cpu_lm_head")
     return parser.parse_args(argv)
 
 
@@ -82,7 +91,9 @@ def build_trainer(args):
     import shutil
 
     shutil.rmtree(work / "run", ignore_errors=True)
-    trainer, _, plan_facts = cpuft_trainer(spec, force_fp32=args.fp32)
+    overrides = {name: False for name in args.plan_off.split(",") if name}
+    trainer, _, plan_facts = cpuft_trainer(spec, force_fp32=args.fp32, plan_overrides=overrides)
+    plan_facts["plan_off"] = sorted(overrides)
     return trainer, plan_facts, out, size
 
 
@@ -149,18 +160,37 @@ def main(argv) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     args = parse_args(argv)
+    if args.keep_freed_memory:
+        from cpuft.hardware.allocator import keep_freed_memory
+
+        print(f"keep_freed_memory: {keep_freed_memory()}")
     trainer, plan_facts, out, size = build_trainer(args)
+    if args.fused_swiglu:
+        from cpuft.train.fused_swiglu import fuse_swiglu_mlps
+
+        print(f"fused_swiglu: {fuse_swiglu_mlps(trainer.model)} (fused, kept) MLPs")
     mark_lm_head(record_function)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
-    batches = iter(trainer.get_train_dataloader())
-    warm, plain, profiled = next(batches), next(batches), next(batches)
+    batches = list(trainer.get_train_dataloader())
+    if len(batches) < args.plain_steps + 2:
+        raise SystemExit(f"--steps-data {args.steps_data} gives {len(batches)} batches; need --plain-steps + 2")
+    warm, plains, profiled = batches[0], batches[1:1 + args.plain_steps], batches[1 + args.plain_steps]
     one_step(trainer, warm, record_function)
 
-    start = usage()
-    one_step(trainer, plain, record_function)
-    end = usage()
-    wall, user, system, faults = (b - a for a, b in zip(start, end))
+    timed = []  # (wall, user, system, faults) per plain step
+    for batch in plains:
+        start = usage()
+        one_step(trainer, batch, record_function)
+        timed.append(tuple(b - a for a, b in zip(start, usage())))
+    median = sorted(range(len(timed)), key=lambda i: timed[i][0])[len(timed) // 2]  # by wall time
+    (wall, user, system, faults), plain = timed[median], plains[median]
+    if args.no_profile:
+        print(f"{args.size}: plain steps {', '.join(f'{t[0]:.2f}' for t in timed)} s wall; median {wall:.2f} s,"
+              f" {faults:,} minor page faults, {system:.2f} s system; plan off: {plan_facts['plan_off'] or 'none'};"
+              f" faults per step {', '.join(f'{t[3]:,}' for t in timed)};"
+              f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        return 0
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         profile_start = time.perf_counter()
@@ -176,7 +206,8 @@ def main(argv) -> int:
         "size": args.size, **plan_facts, "threads": torch.get_num_threads(),
         "batch_shape": list(plain["input_ids"].shape), "non_padding_tokens": tokens,
         "step_wall_seconds": wall, "step_user_seconds": user, "step_system_seconds": system,
-        "step_minor_page_faults": faults, "profiled_step_wall_seconds": profiled_wall,
+        "step_minor_page_faults": faults, "plain_step_wall_seconds": [t[0] for t in timed],
+        "profiled_step_wall_seconds": profiled_wall,
         "self_seconds_by_category": dict(by_category),
         "load_average": os.getloadavg(),
         "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),

@@ -55,6 +55,7 @@ def test_every_variant_trains_exactly_the_non_padding_tokens_of_its_data(tiny_be
     expected = sum(min(n, report["max_length"]) for n in lengths)
     for name, run in report["variants"].items():
         assert run["train_tokens"] == expected, name
+        assert run["epochs"] == pytest.approx(1.0), name  # packed rows too: one pass, not 1.5
 
 
 def test_bench_variants_differ_only_where_they_should(tiny_bench):
@@ -73,6 +74,7 @@ def test_trl_best_packs_padding_free_and_trains_the_same_rows(tiny_bench):
     report = json.loads((out / "bench.json").read_text())
     best, tuned = report["variants"]["trl_best"], report["variants"]["trl_tuned"]
     assert best["packing"] and best["padding_free"] and not best["gradient_checkpointing"]
+    assert best["optimizer"] == "adamw_torch_fused" == report["variants"]["cpuft"]["optimizer"]
     assert best["compute_dtype"] == tuned["compute_dtype"]
     # Padding-free rows pad only to a multiple, far less than TRL's random unpacked batches.
     assert best["padding_fraction"] < tuned["padding_fraction"]

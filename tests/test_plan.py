@@ -290,3 +290,14 @@ def test_plan_is_pure_and_serialisable():
 def test_machine_round_trips_through_json():
     machine = with_gpu(SAPPHIRE_RAPIDS, H100)
     assert Machine.from_dict(json.loads(json.dumps(machine.to_dict()))) == machine
+
+
+def test_plan_fuses_lora_on_cpu_only_and_says_why():
+    plan = plan_for(AVX2_ONLY, PlanRequest(device="cpu"))
+    assert plan.fused_lora and "tests/test_fused_lora.py" in plan.reasons["fused_lora"]
+    assert ("fused_lora", "on", plan.reasons["fused_lora"]) in plan.rows()
+    compiled = plan_for(AVX2_ONLY, PlanRequest(device="cpu", torch_compile=True))
+    assert not compiled.fused_lora and "torch.compile" in compiled.reasons["fused_lora"]
+    gpu = plan_for(with_gpu(AVX2_ONLY, H100), PlanRequest(device="cuda"))
+    assert not gpu.fused_lora
+

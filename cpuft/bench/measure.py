@@ -76,7 +76,7 @@ def train_and_measure(trainer, spec: dict, model_facts: dict, plan_facts: dict) 
                                   spec["max_length"], batch_size=1).loss
     return {
         "variant": spec["variant"], **plan_facts, **model_facts, "trainable_params": trainable,
-        "steps": trainer.state.global_step, "train_tokens": tokens, "train_seconds": seconds,
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "train_tokens": tokens, "train_seconds": seconds,
         "tokens_per_second": tokens / seconds,
         "median_step_seconds": statistics.median(step_times) if step_times else seconds,
         "first_step_seconds": logs[0]["elapsed_seconds"] if logs else None,

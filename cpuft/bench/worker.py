@@ -64,9 +64,10 @@ def run_variant(spec: dict) -> dict:
     return train_and_measure(trainer, spec, model_facts, plan_facts)
 
 
-def cpuft_trainer(spec: dict, force_fp32: bool):
-    """cpuft's own recipe, exactly as `cpuft sft` runs it, with the plan it picks here."""
-    from dataclasses import asdict
+def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = None):
+    """cpuft's own recipe, exactly as `cpuft sft` runs it, with the plan it picks here
+    (`plan_overrides`, e.g. {"fused_lora": False}: that plan field replaced, to measure a candidate)."""
+    from dataclasses import asdict, replace
 
     from cpuft.config.job import SFTJobConfig
     from cpuft.hardware.probe import probe_machine
@@ -86,12 +87,16 @@ def cpuft_trainer(spec: dict, force_fp32: bool):
     )
     recipe = SFTRecipe(config, probe_machine(), show_progress=False, log=lambda *a, **k: None)
     recipe.setup()
+    if plan_overrides:
+        recipe.plan = replace(recipe.plan, **plan_overrides)
     write_run_header(recipe.run_dir, recipe.config, recipe.machine, recipe.plan)
     trainer = recipe.build_trainer()
     plan = recipe.plan
     plan_facts = {"compute_dtype": plan.compute_dtype, "gradient_checkpointing": plan.gradient_checkpointing,
                   "threads": plan.threads, "sampling": trainer.args.train_sampling_strategy,
                   "packing": plan.packing, "torch_compile": bool(trainer.args.torch_compile),
+                  "optimizer": getattr(trainer.args.optim, "value", trainer.args.optim),
+                  "cpu_lm_head": plan.cpu_lm_head, "fused_lora": plan.fused_lora,
                   # The time plan `cpuft sft` printed, against which the bench's train_seconds is checked.
                   "planned_train_seconds": recipe.time_estimate.total_seconds if recipe.time_estimate else None,
                   "planned_parts_seconds": recipe.time_estimate.parts_seconds if recipe.time_estimate else None}

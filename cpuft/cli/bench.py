@@ -14,7 +14,8 @@ Variants, each in its own process (same model, LoRA, data, max_length, optimizer
   trl_tuned     plain TRL tuned by hand: fp32 unless bf16 is native, no checkpointing,
                 one thread per physical core
   trl_best      the strongest plain TRL: trl_tuned plus bf16 base weights where bf16 is
-                native and TRL's padding-free packing (packing=True, packing_strategy="bfd")
+                native, fused AdamW (optim="adamw_torch_fused") and TRL's padding-free
+                packing (packing=True, packing_strategy="bfd")
   cpuft         cpuft's recipe with its plan for this machine
   cpuft_fp32    added on AMX/AVX512-BF16 CPUs: cpuft forced to fp32, to show bf16 vs fp32
 

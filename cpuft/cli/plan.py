@@ -149,7 +149,7 @@ def build_report(
             shape, settings, memory.trainable_params, round(rank_tokens), epochs, mean_seq_len,
             machine_type, plan.threads, utilization, datasheet_flops=plan.peak_flops,
             model_config=model_config, gradient_accumulation_steps=plan.gradient_accumulation_steps,
-            packed=plan.packing, cpu_lm_head=plan.cpu_lm_head,
+            packed=plan.packing, cpu_lm_head=plan.cpu_lm_head, fused_lora=plan.fused_lora,
             allreduce_seconds_per_step=plan.allreduce.seconds if plan.allreduce else 0.0,
         )
         step_seconds = time_estimate.seconds_per_epoch / max(1.0, token_count / mean_seq_len / plan.global_batch_size)

@@ -5,9 +5,9 @@ fixed utilisation was 3-10x optimistic, because most of a CPU step is not in the
 (docs/speed.md, "Where the step's time goes"). Measured here, in this process, a few seconds:
 
 - one decoder layer's forward and backward: the model's own config class with 2 layers and
-  random weights, LoRA on the planned target modules, in the planned weights/compute dtype, at
-  the planned micro-batch rows x sequence length (fewer rows when that would take long: cost is
-  linear in rows at a fixed length). The layer's share is the 2-layer time minus the 1-layer
+  random weights, LoRA on the planned target modules (cpuft.train.fused_lora when the plan fuses
+  it), in the planned weights/compute dtype, at the planned micro-batch rows x sequence length
+  (fewer rows when that would take long: cost is linear in rows at a fixed length). The layer's share is the 2-layer time minus the 1-layer
   time, so the frozen-weight GEMMs, LoRA's matmuls, attention and the elementwise work are
   measured together, as the step runs them;
 - lm_head + loss: TRL's chunked log-prob kernel (what SFTTrainer's loss runs) on one vocabulary
@@ -65,6 +65,7 @@ class StepCosts:
     source: str
 
     cpu_lm_head: bool = False  # the head was timed as cpuft's compact CPU head
+    fused_lora: bool = False  # the layers were timed with cpuft.train.fused_lora
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +77,8 @@ def cache_dir() -> Path:
 
 def step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, compute_dtype: str,
                lora_r: int, lora_dropout: float, target_modules: str, attn_implementation: str,
-               threads: int, optimizer: str = "adamw_torch", cpu_lm_head: bool = False) -> StepCosts:
+               threads: int, optimizer: str = "adamw_torch", cpu_lm_head: bool = False,
+               fused_lora: bool = False) -> StepCosts:
     """The cached measurement for this run's shapes, or a fresh one (a few seconds)."""
     import torch
 
@@ -86,7 +88,8 @@ def step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, comput
         "version": CACHE_VERSION, "config": model_config.to_dict(), "rows": rows, "seq_len": seq_len,
         "weights_dtype": weights_dtype, "compute_dtype": compute_dtype, "lora_r": lora_r,
         "lora_dropout": lora_dropout, "target_modules": target_modules, "attn": attn_implementation,
-        "threads": threads, "optimizer": optimizer, "cpu_lm_head": cpu_lm_head, "torch": torch.__version__,
+        "threads": threads, "optimizer": optimizer, "cpu_lm_head": cpu_lm_head, "fused_lora": fused_lora,
+        "torch": torch.__version__,
         "cpu": torch.cpu.get_capabilities().get("cpu_name", "") if hasattr(torch.cpu, "get_capabilities") else "",
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -97,7 +100,7 @@ def step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, comput
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable or older entry: measure again and overwrite it
     costs = measure_step_costs(model_config, rows, seq_len, weights_dtype, compute_dtype, lora_r, lora_dropout,
-                               target_modules, attn_implementation, threads, optimizer, cpu_lm_head)
+                               target_modules, attn_implementation, threads, optimizer, cpu_lm_head, fused_lora)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"key": key, "costs": costs.to_dict()})
@@ -108,7 +111,8 @@ def step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, comput
 
 def measure_step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, compute_dtype: str,
                        lora_r: int, lora_dropout: float, target_modules: str, attn_implementation: str,
-                       threads: int, optimizer: str = "adamw_torch", cpu_lm_head: bool = False) -> StepCosts:
+                       threads: int, optimizer: str = "adamw_torch", cpu_lm_head: bool = False,
+                       fused_lora: bool = False) -> StepCosts:
     """Time the parts of one micro-batch (see the module docstring); restores the thread count."""
     import torch
 
@@ -118,7 +122,7 @@ def measure_step_costs(model_config, rows: int, seq_len: int, weights_dtype: str
     try:
         measured_rows = max(1, min(rows, MEASURE_TOKENS // max(1, seq_len)))
         model, lora_params = _two_layer_model(model_config, weights_dtype, compute_dtype, lora_r, lora_dropout,
-                                              target_modules, attn_implementation)
+                                              target_modules, attn_implementation, fused_lora)
         forward1, backward1, forward2, backward2 = _time_layers(model, measured_rows, seq_len, compute_dtype)
         num_layers = int(model_config.num_hidden_layers)
         scale = rows / measured_rows
@@ -139,10 +143,12 @@ def measure_step_costs(model_config, rows: int, seq_len: int, weights_dtype: str
         source=f"measured on this machine: {model_config.model_type} layer at {measured_rows} x {seq_len},"
                f" {compute_dtype}, {threads} threads",
         cpu_lm_head=cpu_lm_head,
+        fused_lora=fused_lora,
     )
 
 
-def _two_layer_model(model_config, weights_dtype, compute_dtype, lora_r, lora_dropout, target_modules, attn):
+def _two_layer_model(model_config, weights_dtype, compute_dtype, lora_r, lora_dropout, target_modules, attn,
+                     fused_lora=False):
     """The config's own model class with 2 layers, a tiny vocabulary and random weights, LoRA'd
     as the run will be; (model, the trainable LoRA tensors of one layer)."""
     import torch
@@ -167,6 +173,10 @@ def _two_layer_model(model_config, weights_dtype, compute_dtype, lora_r, lora_dr
     if compute_dtype != "fp32":
         for p in lora:  # cpuft keeps CPU adapters in fp32 under autocast (train.model_loading)
             p.data = p.data.float()
+    if fused_lora:
+        from cpuft.train.fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(model)
     model.train()
     first_layer = [p for n, p in model.named_parameters() if p.requires_grad and ".layers.0." in n]
     return model, first_layer

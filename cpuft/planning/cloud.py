@@ -377,6 +377,7 @@ def time_for_run(
     machine: MachineType | None, threads: int, utilization: float | None = None,
     datasheet_flops: float | None = None, model_config=None, gradient_accumulation_steps: int = 1,
     packed: bool = False, cpu_lm_head: bool = False, allreduce_seconds_per_step: float = 0.0,
+    fused_lora: bool = False,
 ) -> TimeEstimate:
     """Time (and cost on a declared machine type) for one run. `shape` is a memory.ModelShape,
     `settings` a memory.RunSettings.
@@ -401,7 +402,7 @@ def time_for_run(
             try:
                 return _measured_time(shape, settings, tokens, epochs, mean_seq_len, threads, model_config,
                                       flops_per_token, gradient_accumulation_steps, packed, cpu_lm_head,
-                                      allreduce_seconds_per_step)
+                                      allreduce_seconds_per_step, fused_lora)
             except Exception as exc:  # an architecture the measurement cannot build: plan from FLOPs
                 why_not = f"measuring the step failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         notes.append(f"{why_not}: estimated from the FLOP count at a fixed utilisation, often 3-10x optimistic on CPU")
@@ -435,7 +436,7 @@ def _why_not_measured(shape, settings) -> str | None:
 
 
 def _measured_time(shape, settings, tokens, epochs, mean_seq_len, threads, model_config, flops_per_token,
-                   accumulation, packed, cpu_lm_head, allreduce_seconds_per_step) -> TimeEstimate:
+                   accumulation, packed, cpu_lm_head, allreduce_seconds_per_step, fused_lora) -> TimeEstimate:
     import math
 
     from cpuft.hardware.step_cost import step_costs
@@ -446,7 +447,7 @@ def _measured_time(shape, settings, tokens, epochs, mean_seq_len, threads, model
     costs = step_costs(
         model_config, rows, measured_len, settings.weights_dtype, settings.compute_dtype, settings.lora_r,
         settings.lora_dropout, target.split(",") if "," in target else target, settings.attn_implementation,
-        threads, settings.optimizer, cpu_lm_head,
+        threads, settings.optimizer, cpu_lm_head, fused_lora,
     )
     # Rows the run trains (each micro-batch holds `rows` of them), then micro-batches and steps.
     tokens_per_micro_batch = rows * (row_tokens if packed else mean_seq_len)

@@ -74,7 +74,7 @@ def estimate_time(preflight: Preflight, config, train_rows, tokenizer, log=print
         preflight.model_shape, preflight.run_settings, preflight.memory_plan.trainable_params, tokens, epochs,
         tokens_per_row, machine_type, plan.threads, datasheet_flops=plan.peak_flops,
         model_config=preflight.model_config, gradient_accumulation_steps=plan.gradient_accumulation_steps,
-        packed=plan.packing, cpu_lm_head=plan.cpu_lm_head,
+        packed=plan.packing, cpu_lm_head=plan.cpu_lm_head, fused_lora=plan.fused_lora,
         allreduce_seconds_per_step=allreduce_seconds_per_step or (plan.allreduce.seconds if plan.allreduce else 0.0),
     )
     log(estimate.format())

@@ -340,6 +340,10 @@ class SFTRecipe:
             from cpuft.train.chunked_loss import use_cpu_lm_head
 
             use_cpu_lm_head(trainer)
+        if plan.fused_lora:  # why: the plan's reasons["fused_lora"]; proof: tests/test_fused_lora.py
+            from cpuft.train.fused_lora import fuse_lora_layers
+
+            fuse_lora_layers(trainer.model)
         if self.default_template is not None:
             let_trl_read_trained_head_rows(trainer.model)
             save_only_trained_token_rows(trainer.model)

@@ -1,0 +1,163 @@
+"""LoRA's training forward and backward on CPU as one autograd node per adapted linear layer.
+
+PEFT's vanilla LoRA forward, `base(x) + lora_B(lora_A(dropout(x))) * scaling`, is a chain of
+separate passes over the activations, each a memory-bound pass on a CPU: dropout draws a float
+mask element by element from the Mersenne-Twister generator (torch's `bernoulli_`: ~40 M
+elements/s, a seventh of the 100m step), divides it and multiplies; the scale and the add each
+read and write the [tokens, out] output; autograd keeps the dropped input *and* the float mask
+of every adapted layer for backward (8 bytes per input element, per layer: q, k and v each keep
+their own copy of the same input) and runs the mirror passes back.
+
+`fuse_lora_layers` makes each plain LoRA Linear compute the same function in one node:
+- forward: y = x W^T + b, then the adapter's product added into y by the GEMM itself
+  (`addmm_` with alpha = scaling): no scale pass, no add pass, no [tokens, out] temporary;
+- dropout keeps each input element with probability 1 - p, drawn 16 random bits at a time from
+  one 64-bit draw (`keep_mask`: four elements per generator call instead of one), stored as a
+  1-byte mask; p is rounded to a multiple of 1/65536 (0.05 -> 0.0500031);
+- backward: the base weight is frozen, so x's gradient is g W plus the adapter's, added by the
+  GEMM (p = 0) or one fused multiply-add (p > 0); A's and B's gradients are rank-sized GEMMs;
+  saved for backward: x (the same tensor for q, k and v), the 1-byte mask and h = x A^T.
+
+The same function: tests/test_fused_lora.py (p = 0: the loss and every LoRA gradient of a whole
+model equal stock PEFT's within 1e-5; p > 0: equal to torch's own autograd with the same masks;
+the mask keeps 1 - p of the elements). Under CPU autocast the products run in the autocast
+dtype, as PEFT's do, and A's and B's gradients come back in their own (fp32) dtype.
+
+Limits: PEFT's plain `lora.Linear` over an `nn.Linear` with a frozen weight, one active adapter
+without a variant (DoRA, aLoRA, ...), no LoRA bias, no fan_in_fan_out; anything else, and every
+forward in eval mode (evaluation, generation), runs PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+# One 64-bit draw gives four 16-bit lanes; each lane keeps its element when it is >= the threshold.
+MASK_LANES = 4
+MASK_LEVELS = 1 << 16
+
+
+def keep_mask(shape, p: float, generator=None):
+    """A bool tensor of `shape`: True with probability 1 - p (p rounded to a multiple of 1/65536)."""
+    count = 1
+    for size in shape:
+        count *= size
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + MASK_LANES - 1) // MASK_LANES,),
+                          dtype=torch.int64, generator=generator)
+    lanes = words.view(torch.int16)[:count]
+    threshold = round(p * MASK_LEVELS) - MASK_LEVELS // 2  # lanes are uniform over [-32768, 32767]
+    return (lanes >= threshold).view(shape)
+
+
+def keep_scale(p: float) -> float:
+    """1 / (probability of keeping), for the rounded p that keep_mask draws with."""
+    return 1.0 / (1.0 - round(p * MASK_LEVELS) / MASK_LEVELS)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + b + scaling * ((x * keep * q) A^T) B^T, W and b frozen; q = keep_scale(p)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        with torch.autocast("cpu", enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            out = torch.nn.functional.linear(flat, weight.to(dtype), None if bias is None else bias.to(dtype))
+            keep = keep_mask(flat.shape, p) if p > 0 else None
+            dropped = flat if keep is None else flat * keep
+            h = torch.mm(dropped, a.t())
+            if keep is not None:
+                h.mul_(keep_scale(p))
+            out.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(flat, keep, h, weight, lora_a, lora_b)
+        ctx.scaling, ctx.p, ctx.dtype, ctx.x_dtype = scaling, p, dtype, x.dtype
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out):
+        flat, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
+        scaling, p, dtype = ctx.scaling, ctx.p, ctx.dtype
+        with torch.autocast("cpu", enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            grad_h = torch.mm(g, b).mul_(scaling)  # [tokens, r]
+            grad_b = torch.mm(g.t(), h).mul_(scaling) if lora_b.requires_grad else None
+            grad_a = None
+            if lora_a.requires_grad:
+                dropped = flat if keep is None else flat * keep
+                grad_a = torch.mm(grad_h.t(), dropped)
+                if keep is not None:
+                    grad_a.mul_(keep_scale(p))
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(g, weight.to(dtype))
+                if keep is None:
+                    grad_x.addmm_(grad_h, a)
+                else:
+                    grad_x.addcmul_(torch.mm(grad_h, a), keep, value=keep_scale(p))
+                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return (grad_x, None, None, None if grad_a is None else grad_a.to(lora_a.dtype),
+                None if grad_b is None else grad_b.to(lora_b.dtype), None, None)
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, p: float):
+    """The fused LoRA linear (see the module docstring); differentiable in x, lora_a and lora_b."""
+    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, p)
+
+
+def why_not_fused(module) -> str | None:
+    """Why `module` (a PEFT LoRA layer) keeps PEFT's forward; None when it can be fused."""
+    from peft.tuners.lora import layer as lora_layer
+
+    if type(module) is not lora_layer.Linear:
+        return f"{type(module).__name__} is not PEFT's plain LoRA Linear"
+    if type(module.base_layer) is not torch.nn.Linear:
+        return f"its base layer is {type(module.base_layer).__name__}, not nn.Linear"
+    if module.base_layer.weight.requires_grad:
+        return "its base weight is trained"
+    if module.fan_in_fan_out:
+        return "fan_in_fan_out weights"
+    for name in module.lora_A:
+        if name in module.lora_variant:
+            return f"adapter {name!r} is a LoRA variant (DoRA, aLoRA, ...)"
+        if module.lora_B[name].bias is not None:
+            return f"adapter {name!r} has a LoRA bias"
+    return None
+
+
+def _fused_forward(self, x, *args, **kwargs):
+    """PEFT's forward, fused where it is plain training LoRA (see why_not_fused)."""
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    # In training mode even without gradients: reentrant gradient checkpointing runs the first
+    # forward under no_grad and must draw the same dropout masks as its recompute.
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or not self.training:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    dropout = self.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
+    base = self.base_layer
+    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                       float(self.scaling[name]), p)
+
+
+def fuse_lora_layers(model) -> tuple[int, int]:
+    """Give every fusable PEFT LoRA Linear in `model` the fused training forward;
+    (layers fused, LoRA layers left with PEFT's forward)."""
+    from peft.tuners.lora import LoraLayer
+
+    fused = kept = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if why_not_fused(module) is None:
+            module.forward = types.MethodType(_fused_forward, module)
+            fused += 1
+        else:
+            kept += 1
+    return fused, kept

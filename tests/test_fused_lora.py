@@ -1,0 +1,180 @@
+"""The fused LoRA linear (cpuft.train.fused_lora) computes what PEFT's LoRA computes.
+
+Yardsticks: stock PEFT's forward (dropout 0: every op is deterministic) and, with dropout, torch's
+own autograd of y = x W^T + b + s ((x * keep / (1 - p)) A^T) B^T with the same keep mask.
+Tolerances (fp32): outputs and gradients within 1e-5 of the largest magnitude; the mask keeps
+1 - p of 4 M elements within 0.001 (9 standard deviations).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _lora_model(dropout: float = 0.0, use_dora: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM",
+        use_dora=use_dora))
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give it values so A's gradient is real
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    model.train()
+    return model
+
+
+def _batch():
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def _loss_and_grads(model, batch):
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def _assert_close(got: dict, want: dict, rel: float):
+    assert got.keys() == want.keys()
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert scale > 0
+    for name, grad in want.items():
+        assert float((got[name] - grad).abs().max()) <= rel * scale, name
+
+
+def test_whole_model_loss_and_gradients_equal_stock_peft():
+    from cpuft.train.fused_lora import fuse_lora_layers
+
+    model, batch = _lora_model(), _batch()
+    peft_loss, peft_grads = _loss_and_grads(model, batch)
+    assert fuse_lora_layers(model) == (14, 0)  # 2 layers x q k v o gate up down
+    fused_loss, fused_grads = _loss_and_grads(model, batch)
+    assert abs(fused_loss - peft_loss) <= 1e-5
+    _assert_close(fused_grads, peft_grads, 1e-5)
+    # Outside training (evaluation, generation) PEFT's own forward runs: the same logits.
+    model.eval()
+    with torch.no_grad():
+        assert abs(float(model(**batch).loss) - peft_loss) <= 1e-6
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_one_layer_equals_torch_autograd_with_the_same_mask(p):
+    from cpuft.train.fused_lora import keep_mask, keep_scale, lora_linear
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 37, 24, generator=generator, requires_grad=True)
+    weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
+    lora_a = torch.randn(4, 24, generator=generator, requires_grad=True)
+    lora_b = torch.randn(40, 4, generator=generator, requires_grad=True)
+    grad_out = torch.randn(3, 37, 40, generator=generator)
+
+    torch.manual_seed(7)
+    out = lora_linear(x, weight, bias, lora_a, lora_b, 2.0, p)
+    got = torch.autograd.grad(out, (x, lora_a, lora_b), grad_out)
+    torch.manual_seed(7)  # the same draws: the same mask
+    keep = keep_mask((3 * 37, 24), p).view(3, 37, 24) if p else torch.ones(3, 37, 24, dtype=torch.bool)
+    scale = keep_scale(p) if p else 1.0
+    if p:
+        assert not bool(keep.all())  # the mask really drops something here
+    want_out = x @ weight.T + bias + 2.0 * ((x * keep * scale) @ lora_a.T) @ lora_b.T
+    want = torch.autograd.grad(want_out, (x, lora_a, lora_b), grad_out)
+
+    assert float((out - want_out).detach().abs().max()) <= 1e-5 * float(want_out.detach().abs().max())
+    _assert_close(dict(zip("x a b".split(), got)), dict(zip("x a b".split(), want)), 1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keep_mask_keeps_one_minus_p_in_every_lane(p):
+    from cpuft.train.fused_lora import keep_mask, keep_scale
+
+    torch.manual_seed(0)
+    mask = keep_mask((1000, 4000), p)
+    assert mask.dtype == torch.bool and mask.shape == (1000, 4000)
+    assert abs(float(mask.float().mean()) - (1 - p)) <= 1e-3
+    # Four 16-bit lanes come from one 64-bit draw: each lane position must be unbiased too.
+    for lane in mask.view(-1, 4).float().mean(0).tolist():
+        assert abs(lane - (1 - p)) <= 2e-3
+    assert not torch.equal(mask, keep_mask((1000, 4000), p))  # fresh draws every call
+    assert abs(keep_scale(p) - 1 / (1 - p)) <= 1e-4  # p rounded to 1/65536
+
+
+def test_dropout_is_unbiased_like_torchs():
+    """Dropout's law, as torch's: E[output] is the no-dropout output (keep / (1 - p) rescales)."""
+    from cpuft.train.fused_lora import lora_linear
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, generator=generator)
+    weight, lora_a, lora_b = (torch.randn(*shape, generator=generator) for shape in ((12, 16), (4, 16), (12, 4)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = torch.stack([lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.5) for _ in range(2000)])
+        exact = lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.0)
+    assert float(draws.std(0).min()) > 0  # every output really varies
+    # 6 standard errors: 96 outputs, each outside with probability ~2e-9.
+    assert bool(((draws.mean(0) - exact).abs() <= 6 * draws.std(0) / 2000**0.5).all())
+
+
+def test_dropout_training_draws_fresh_masks_and_stays_finite():
+    from cpuft.train.fused_lora import fuse_lora_layers
+
+    model, batch = _lora_model(dropout=0.1), _batch()
+    assert fuse_lora_layers(model) == (14, 0)
+    first, first_grads = _loss_and_grads(model, batch)
+    second, _ = _loss_and_grads(model, batch)
+    assert torch.isfinite(torch.tensor([first, second])).all()
+    assert first != second
+    assert all(bool(torch.isfinite(g).all()) for g in first_grads.values())
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(use_reentrant):
+    """With dropout, checkpointing's recompute must draw the masks its first forward drew (reentrant
+    checkpointing runs that forward without gradients): the same loss and gradients as no checkpointing."""
+    from cpuft.train.fused_lora import fuse_lora_layers
+
+    model, batch = _lora_model(dropout=0.1), _batch()
+    fuse_lora_layers(model)
+    torch.manual_seed(3)
+    plain_loss, plain_grads = _loss_and_grads(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()  # what PEFT/TRL do for checkpointing with a frozen embedding
+    torch.manual_seed(3)
+    checkpointed_loss, checkpointed_grads = _loss_and_grads(model, batch)
+    assert abs(checkpointed_loss - plain_loss) <= 1e-5
+    _assert_close(checkpointed_grads, plain_grads, 1e-5)
+
+
+def test_autocast_bf16_runs_in_bf16_and_returns_fp32_adapter_gradients():
+    from cpuft.train.fused_lora import fuse_lora_layers
+
+    model, batch = _lora_model(), _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_loss, peft_grads = _loss_and_grads(model, batch)
+    fuse_lora_layers(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_loss, fused_grads = _loss_and_grads(model, batch)
+    assert all(g.dtype == torch.float32 for g in fused_grads.values())
+    assert abs(fused_loss - peft_loss) <= 1e-2 * abs(peft_loss)  # bf16: 8 bits of mantissa
+    _assert_close(fused_grads, peft_grads, 5e-2)
+
+
+def test_layers_it_cannot_fuse_keep_peft_forward():
+    from cpuft.train.fused_lora import fuse_lora_layers, why_not_fused
+
+    model = _lora_model(use_dora=True)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert "variant" in why_not_fused(layer)
+    assert fuse_lora_layers(model) == (0, 14)
+
