@@ -16,7 +16,8 @@ their own copy of the same input) and runs the mirror passes back.
   1-byte mask; p is rounded to a multiple of 1/65536 (0.05 -> 0.0500031);
 - backward: the base weight is frozen, so x's gradient is g W plus the adapter's, added by the
   GEMM (p = 0) or one fused multiply-add (p > 0); A's and B's gradients are rank-sized GEMMs;
-  saved for backward: x (the same tensor for q, k and v), the 1-byte mask and h = x A^T.
+  saved for backward: x (in fp32 the same tensor for q, k and v; under autocast each keeps its
+  cast copy, as PEFT's layers do), the 1-byte mask and h = x A^T.
 
 The same function: tests/test_fused_lora.py (p = 0: the loss and every LoRA gradient of a whole
 model equal stock PEFT's within 1e-5; p > 0: equal to torch's own autograd with the same masks;
