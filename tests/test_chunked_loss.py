@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from cpuft.hardware.tiles import lm_head_vocab_chunk
+from tests.test_fused_lora import lora_llama, loss_and_grads
 
 
 def test_vocab_chunk_keeps_a_tile_at_one_million_elements():
@@ -20,23 +21,6 @@ def test_vocab_chunk_keeps_a_tile_at_one_million_elements():
     assert lm_head_vocab_chunk(600) == 1024  # 600 x 2048 > 2**20
     assert lm_head_vocab_chunk(1) == 32768  # capped at TRL's own width
     assert lm_head_vocab_chunk(100_000) == 256  # the kernel works on 4096 tokens at a time
-
-
-def _lora_model(vocab: int):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():  # LoRA B starts at zero: give it values so A's gradient is real
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    return model
 
 
 def _batch(vocab: int):
@@ -52,24 +36,16 @@ def _batch(vocab: int):
     return ids, mask, labels
 
 
-def _loss_and_grads(model, **inputs):
-    loss = model(**inputs).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize("vocab", [4096, 300])  # 4096: several vocabulary tiles; 300: one, not a power of two
 def test_compact_head_matches_full_logits_loss_and_gradients(vocab):
     import torch
 
     from cpuft.train.chunked_loss import patch_compact_head
 
-    model = _lora_model(vocab)
+    model = lora_llama(vocab, tied=True)
     ids, mask, labels = _batch(vocab)
     assert lm_head_vocab_chunk(int((labels[:, 1:] != -100).sum())) < 4096  # the 4096 case really tiles
-    plain_loss, plain_grads = _loss_and_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
+    plain_loss, plain_grads = loss_and_grads(model, dict(input_ids=ids, attention_mask=mask, labels=labels))
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
 

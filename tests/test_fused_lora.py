@@ -13,17 +13,19 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-def _lora_model(dropout: float = 0.0, use_dora: bool = False):
+def lora_llama(vocab: int = 300, tied: bool = False, dropout: float = 0.0, use_dora: bool = False):
+    """A 2-layer Llama with LoRA r 8 on every linear layer, in training mode; B drawn at random
+    (PEFT starts it at zero) so A's gradient is real. Shared by the fused-path tests."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
         r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM",
         use_dora=use_dora))
-    for name, param in model.named_parameters():  # LoRA B starts at zero: give it values so A's gradient is real
+    for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
     model.train()
@@ -38,7 +40,8 @@ def _batch():
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-def _loss_and_grads(model, batch):
+def loss_and_grads(model, batch: dict):
+    """(loss, {name: gradient} of every trainable parameter) for one forward and backward."""
     loss = model(**batch).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -57,10 +60,10 @@ def _assert_close(got: dict, want: dict, rel: float):
 def test_whole_model_loss_and_gradients_equal_stock_peft():
     from cpuft.train.fused_lora import fuse_lora_layers
 
-    model, batch = _lora_model(), _batch()
-    peft_loss, peft_grads = _loss_and_grads(model, batch)
+    model, batch = lora_llama(), _batch()
+    peft_loss, peft_grads = loss_and_grads(model, batch)
     assert fuse_lora_layers(model) == (14, 0)  # 2 layers x q k v o gate up down
-    fused_loss, fused_grads = _loss_and_grads(model, batch)
+    fused_loss, fused_grads = loss_and_grads(model, batch)
     assert abs(fused_loss - peft_loss) <= 1e-5
     _assert_close(fused_grads, peft_grads, 1e-5)
     # Outside training (evaluation, generation) PEFT's own forward runs: the same logits.
@@ -129,10 +132,10 @@ def test_dropout_is_unbiased_like_torchs():
 def test_dropout_training_draws_fresh_masks_and_stays_finite():
     from cpuft.train.fused_lora import fuse_lora_layers
 
-    model, batch = _lora_model(dropout=0.1), _batch()
+    model, batch = lora_llama(dropout=0.1), _batch()
     assert fuse_lora_layers(model) == (14, 0)
-    first, first_grads = _loss_and_grads(model, batch)
-    second, _ = _loss_and_grads(model, batch)
+    first, first_grads = loss_and_grads(model, batch)
+    second, _ = loss_and_grads(model, batch)
     assert torch.isfinite(torch.tensor([first, second])).all()
     assert first != second
     assert all(bool(torch.isfinite(g).all()) for g in first_grads.values())
@@ -144,14 +147,14 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks(use_reentrant)
     checkpointing runs that forward without gradients): the same loss and gradients as no checkpointing."""
     from cpuft.train.fused_lora import fuse_lora_layers
 
-    model, batch = _lora_model(dropout=0.1), _batch()
+    model, batch = lora_llama(dropout=0.1), _batch()
     fuse_lora_layers(model)
     torch.manual_seed(3)
-    plain_loss, plain_grads = _loss_and_grads(model, batch)
+    plain_loss, plain_grads = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     model.enable_input_require_grads()  # what PEFT/TRL do for checkpointing with a frozen embedding
     torch.manual_seed(3)
-    checkpointed_loss, checkpointed_grads = _loss_and_grads(model, batch)
+    checkpointed_loss, checkpointed_grads = loss_and_grads(model, batch)
     assert abs(checkpointed_loss - plain_loss) <= 1e-5
     _assert_close(checkpointed_grads, plain_grads, 1e-5)
 
@@ -159,12 +162,12 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks(use_reentrant)
 def test_autocast_bf16_runs_in_bf16_and_returns_fp32_adapter_gradients():
     from cpuft.train.fused_lora import fuse_lora_layers
 
-    model, batch = _lora_model(), _batch()
+    model, batch = lora_llama(), _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        peft_loss, peft_grads = _loss_and_grads(model, batch)
+        peft_loss, peft_grads = loss_and_grads(model, batch)
     fuse_lora_layers(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused_loss, fused_grads = _loss_and_grads(model, batch)
+        fused_loss, fused_grads = loss_and_grads(model, batch)
     assert all(g.dtype == torch.float32 for g in fused_grads.values())
     assert abs(fused_loss - peft_loss) <= 1e-2 * abs(peft_loss)  # bf16: 8 bits of mantissa
     _assert_close(fused_grads, peft_grads, 5e-2)
@@ -173,7 +176,7 @@ def test_autocast_bf16_runs_in_bf16_and_returns_fp32_adapter_gradients():
 def test_layers_it_cannot_fuse_keep_peft_forward():
     from cpuft.train.fused_lora import fuse_lora_layers, why_not_fused
 
-    model = _lora_model(use_dora=True)
+    model = lora_llama(use_dora=True)
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert "variant" in why_not_fused(layer)
     assert fuse_lora_layers(model) == (0, 14)

@@ -11,21 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-
-def _llama(dropout: float = 0.0):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    model.train()
-    return model
+from tests.test_fused_lora import lora_llama, loss_and_grads  # noqa: E402  (after the torch check)
 
 
 def test_silu_mul_equals_torch_autograd():
@@ -47,19 +33,12 @@ def test_silu_mul_equals_torch_autograd():
 def test_whole_model_loss_and_gradients_equal_transformers_mlp():
     from cpuft.train.fused_swiglu import fuse_swiglu_mlps
 
-    model = _llama()
-    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
-
-    def loss_and_grads():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad(set_to_none=True)
-        return float(loss.detach()), grads
-
-    plain_loss, plain_grads = loss_and_grads()
+    model = lora_llama()
+    batch = {"input_ids": torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))}
+    batch["labels"] = batch["input_ids"]
+    plain_loss, plain_grads = loss_and_grads(model, batch)
     assert fuse_swiglu_mlps(model) == (2, 0)
-    fused_loss, fused_grads = loss_and_grads()
+    fused_loss, fused_grads = loss_and_grads(model, batch)
     assert abs(fused_loss - plain_loss) <= 1e-5
     scale = max(float(g.abs().max()) for g in plain_grads.values())
     for name, grad in plain_grads.items():
