@@ -4,6 +4,12 @@ that sizes a plan before any weights load, and the bitsandbytes configs for quan
 weights. Shared by training and inference, so a base is loaded the same way when it is trained
 and when it is served.
 
+bitsandbytes: importing it (PEFT's and transformers' imports do, whenever it is installed) makes
+its x86 backend ask the Hub for an optional kernel and print about it, although nothing is
+quantised. `defer_bitsandbytes` keeps it out of the process (as if not installed) until a
+quantised path is planned; `bitsandbytes_config` and the other quantised paths then import it
+through `import_bitsandbytes`, with its loaders' notices silenced.
+
 Remote code: a model repository whose config.json has an `auto_map` ships Python classes that
 transformers imports (and so runs) only with trust_remote_code. cpuft passes it as False unless
 the user asks (`--trust-remote-code`), never None: None makes transformers ask on stdin and wait.
@@ -67,10 +73,44 @@ def read_model_config(model: str, revision: str | None = None, trust_remote_code
         )) from None
 
 
+# Loggers of bitsandbytes' optional Hub kernel: it falls back to its own kernel, nothing to act on.
+BITSANDBYTES_NOISE_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
+
+
+def defer_bitsandbytes() -> None:
+    """Hide bitsandbytes from the libraries' imports and availability checks (importlib's
+    find_spec answers None for a module set to None in sys.modules) until `import_bitsandbytes`."""
+    if "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
+def import_bitsandbytes():
+    """bitsandbytes for a quantised path: lifts `defer_bitsandbytes`, silences its Hub-kernel
+    notices, and clears PEFT's cached availability answers. The module; ImportError if absent."""
+    import importlib
+    import logging
+
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]
+    for name in BITSANDBYTES_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    module = importlib.import_module("bitsandbytes")
+    peft_import_utils = sys.modules.get("peft.import_utils")
+    for check in ("is_bnb_4bit_available", "is_bnb_available"):
+        cache_clear = getattr(getattr(peft_import_utils, check, None), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+    peft_helpers = sys.modules.get("peft.helpers")
+    if peft_helpers is not None and getattr(peft_helpers, "bnb", None) is None:
+        peft_helpers.bnb = module  # imported while bitsandbytes was deferred
+    return module
+
+
 def bitsandbytes_config(quantization: str, compute_dtype: str):
     """bitsandbytes config: NF4 + double quantisation (QLoRA) computing in `compute_dtype`, or LLM.int8."""
     from transformers import BitsAndBytesConfig
 
+    import_bitsandbytes()
     if quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,

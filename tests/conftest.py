@@ -28,6 +28,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", spec=TinyModelSpec(**TEST_MODEL_SPEC))
 
 
+# How closely two computations of the same function agree, by the compute dtype the plan picked:
+# fp32 rounding, or bf16's 8-bit mantissa (one rounding step is 2**-8 = 0.4 % of a value) compounded
+# over a model's layers. Tests that compare logits or losses of a trained run read it through
+# `planned_tolerance`, so the same test holds where the plan picks bf16 (AMX, AVX-512-BF16) and fp32 (AVX2).
+DTYPE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+
+
+def planned_tolerance(run_dir: str | Path) -> tuple[str, float]:
+    """(compute dtype, absolute tolerance) of the run in `run_dir`, from its plan.json."""
+    dtype = json.loads((Path(run_dir) / "plan.json").read_text())["plan"]["compute_dtype"]
+    return dtype, DTYPE_TOLERANCE[dtype]
+
+
 def run_cpuft(*args: str, timeout: float = 600, cwd: str | Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process (as a user would); returns the completed process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from cpuft.testing.architectures import build_architecture
-from tests.conftest import run_cpuft, write_jsonl
+from tests.conftest import planned_tolerance, run_cpuft, write_jsonl
 
 ROWS = [{"prompt": f"What is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."} for a in range(4) for b in range(4)]
 FAST = ["--per-device-batch-size", "2", "--gradient-accumulation-steps", "1", "--max-length", "48",
@@ -115,7 +115,8 @@ def test_sft_trains_a_t5_adapter_that_stock_peft_merge_generate_and_eval_use(t5_
     verdict = json.loads(checked.stdout.split("VERDICT ", 1)[1])
     assert verdict["task_type"].endswith("SEQ_2_SEQ_LM")
     assert verdict["adapter_changes_logits"] > 1e-4  # 3 steps at lr 5e-2 moved the adapter
-    assert verdict["merge_rc"] == 0 and verdict["merged_minus_adapter"] <= 1e-4
+    dtype, tolerance = planned_tolerance(run_dir)  # bf16 where the CPU has AMX or AVX-512-BF16
+    assert verdict["merge_rc"] == 0 and verdict["merged_minus_adapter"] <= tolerance, dtype
     for name in ("generate", "int8"):
         rc, text = verdict[name]
         # The encoder-decoder's reply alone: a random model writes some of its 5 new tokens, never the prompt.
@@ -125,7 +126,7 @@ def test_sft_trains_a_t5_adapter_that_stock_peft_merge_generate_and_eval_use(t5_
     assert verdict["eval_rc"] == 0
     scored = json.loads((run_dir / "eval" / "eval.json").read_text())
     # 16 rows x 0.05 holds out one row, scored alone by both: `cpuft eval` = the Seq2SeqTrainer's eval loss.
-    assert scored["rows"] == 1 and abs(scored["loss"] - summary["eval_loss"]) < 1e-4
+    assert scored["rows"] == 1 and abs(scored["loss"] - summary["eval_loss"]) < tolerance, dtype
 
 
 def test_plain_text_rows_are_refused_for_seq2seq(t5_dir, tmp_path, capsys):

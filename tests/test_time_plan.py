@@ -86,3 +86,21 @@ def test_sft_header_shows_the_measured_parts_and_the_summary_keeps_the_plan(tiny
     assert "3 micro-batches, 3 optimizer steps" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["planned_train_seconds"] > 0
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "opt", "bloom", "falcon"])
+def test_step_costs_find_the_decoder_layers_of_families_without_model_dot_layers(name, tmp_path, monkeypatch):
+    # GPT-NeoX keeps its blocks in gpt_neox.layers, OPT in model.decoder.layers, BLOOM and Falcon
+    # in transformer.h: the time plan used to fail on them and fall back to the FLOP count.
+    from transformers import AutoConfig
+
+    from cpuft.hardware.step_cost import measure_step_costs
+    from cpuft.testing.architectures import build_architecture
+
+    monkeypatch.setenv("CPUFT_CACHE_DIR", str(tmp_path / "cache"))
+    config = AutoConfig.from_pretrained(build_architecture(name, tmp_path / name))
+    costs = measure_step_costs(config, rows=2, seq_len=32, weights_dtype="fp32", compute_dtype="fp32", lora_r=4,
+                               lora_dropout=0.0, target_modules="all-linear", attn_implementation="eager", threads=1)
+    assert costs.num_layers == config.num_hidden_layers
+    assert costs.layer_forward_seconds > 0 and costs.layer_backward_seconds > 0
+    assert costs.optimizer_seconds > 0  # the first block's LoRA tensors were found by their path

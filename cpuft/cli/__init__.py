@@ -15,6 +15,7 @@ import warnings
 
 from cpuft import __version__
 from cpuft.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, UserError
+from cpuft.modeling import defer_bitsandbytes
 
 # Subcommand modules under cpuft.cli, in --help order.
 COMMAND_MODULES = ["sft", "env", "tiny_model", "bench", "plan", "merge", "infer", "serve", "batch"]
@@ -60,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
     # With torchao installed (the `int8` extra) transformers and PEFT import it, and its import logs
     # every CUDA-only kernel it cannot load on a CPU build, plus a torch pytree deprecation.
-    # bitsandbytes' CPU backend warns on import that it cannot fetch an optional kernel from the
-    # Hub; it falls back to its own kernel, so there is nothing for the user to do.
-    for noisy_logger in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+    # bitsandbytes stays out until a quantised path is planned (cpuft.modeling); where one is,
+    # its notices about an optional Hub kernel are silenced there.
+    defer_bitsandbytes()
+    for noisy_logger in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy_logger).setLevel(logging.ERROR)
         # `import torch` resets torch.* loggers' levels to NOTSET; a filter survives that reset.
         logging.getLogger(noisy_logger).addFilter(_below_error)

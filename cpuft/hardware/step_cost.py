@@ -178,8 +178,19 @@ def _two_layer_model(model_config, weights_dtype, compute_dtype, lora_r, lora_dr
 
         fuse_lora_layers(model)
     model.train()
-    first_layer = [p for n, p in model.named_parameters() if p.requires_grad and ".layers.0." in n]
+    first_block = f".{_layers_path(model.get_base_model())}.0."
+    first_layer = [p for n, p in model.named_parameters() if p.requires_grad and first_block in n]
     return model, first_layer
+
+
+def _layers_path(base) -> str:
+    """Where `base` keeps its decoder blocks (cpuft.planning.architecture.decoder_layers_path)."""
+    from cpuft.planning.architecture import decoder_layers_path
+
+    path = decoder_layers_path(base)
+    if path is None:
+        raise ValueError(f"{type(base).__name__}: no ModuleList of its {base.config.num_hidden_layers} decoder layers")
+    return path
 
 
 def _autocast(compute_dtype: str):
@@ -199,12 +210,14 @@ def _time_layers(model, rows: int, seq_len: int, compute_dtype: str) -> tuple[fl
     import torch
 
     base = model.get_base_model()
-    layers = base.model.layers
+    owner_path, _, attribute = _layers_path(base).rpartition(".")
+    owner = base.get_submodule(owner_path) if owner_path else base
+    layers = getattr(owner, attribute)
     ids = torch.randint(0, base.config.vocab_size, (rows, seq_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
 
     def once(n_layers: int) -> tuple[float, float]:
-        base.model.layers = layers[:n_layers]
+        setattr(owner, attribute, layers[:n_layers])
         base.config.num_hidden_layers = n_layers
         start = time.perf_counter()
         with _autocast(compute_dtype):
@@ -219,7 +232,8 @@ def _time_layers(model, rows: int, seq_len: int, compute_dtype: str) -> tuple[fl
     samples = {1: [], 2: []}
     for n_layers in (1, 2, 1, 2):
         samples[n_layers].append(once(n_layers))
-    base.model.layers, base.config.num_hidden_layers = layers, 2
+    setattr(owner, attribute, layers)
+    base.config.num_hidden_layers = 2
     f1 = min(s[0] for s in samples[1])
     b1 = min(s[1] for s in samples[1])
     f2 = min(s[0] for s in samples[2])

@@ -29,7 +29,7 @@ Quantisation is in place and one-way; the model is for inference only.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import logging
 from dataclasses import dataclass
 
@@ -125,11 +125,21 @@ def available_int8_methods() -> dict[str, str | None]:
     """Method name -> None if usable here, else why not (and how to install it)."""
     result = {}
     for name, method in INT8_METHODS.items():
-        if importlib.util.find_spec(method.package) is None:
+        if not _installed(method.package):
             result[name] = f"needs {method.package}: {method.install_hint}"
         else:
             result[name] = None
     return result
+
+
+def _installed(distribution: str) -> bool:
+    # Package metadata, not find_spec: cpuft.modeling.defer_bitsandbytes hides an installed
+    # bitsandbytes from find_spec until a quantised path imports it.
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def quantize_for_cpu_inference(model, method: str):
@@ -217,9 +227,11 @@ def _torch_dynamic_quantize(model) -> None:
 
 
 def _bnb_llm_int8(model, threshold: float = 6.0) -> None:
-    import bitsandbytes as bnb
     import torch
 
+    from cpuft.modeling import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
     _untie_lm_head(model)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):

@@ -65,6 +65,7 @@ class ArchitectureFacts:
     attention: Decision
     target_modules: Decision
     linear_names: tuple[str, ...]  # leaf names of the blocks' linear layers (output head excluded)
+    layers_path: str | None = None  # dotted path of the decoder blocks' ModuleList (model.layers, transformer.h, ...)
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(setting, value, reason) rows for the plan table."""
@@ -87,7 +88,22 @@ def architecture_facts(config, requested_attention: str | None = None, requested
         attention=attention_implementation(cls, requested_attention),
         target_modules=_target_modules(model, requested_targets),
         linear_names=tuple(_block_linear_names(model)),
+        layers_path=decoder_layers_path(model),
     )
+
+
+def decoder_layers_path(model) -> str | None:
+    """The dotted path of `model`'s stack of decoder blocks: the first ModuleList as long as the
+    config's layer count (model.layers for Llama, gpt_neox.layers, model.decoder.layers for OPT,
+    transformer.h for BLOOM and Falcon); None when no ModuleList has that length. Encoder-decoder
+    models have two such stacks; this names the first (the encoder's)."""
+    import torch
+
+    count = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and count and len(module) == count:
+            return name
+    return None
 
 
 def task_type(config) -> str:
