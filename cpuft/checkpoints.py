@@ -15,6 +15,11 @@ from pathlib import Path
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+def checkpoint_name(step: int) -> str:
+    """The directory the Trainer saves step `step` in."""
+    return f"checkpoint-{step}"
+
+
 def checkpoint_step(name: str) -> int | None:
     """N for a directory named `checkpoint-N`, None for any other name."""
     match = CHECKPOINT_NAME.match(name)

@@ -55,7 +55,7 @@ def parse_args(argv):
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc mallopt: large allocations from the heap, freed memory kept (cpuft.hardware.allocator)")
     parser.add_argument("--fused-swiglu", action="store_true",
-                        help="also fuse the MLP's silu(gate) * up (cpuft.train.fused_swiglu; not in the plan)")
+                        help="also fuse the MLP's silu(gate) * up (cpuft.fastpaths.fused_swiglu; not in the plan)")
     parser.add_argument("--plan-off", default="", metavar="FIELD[,FIELD]",
                         help="turn these boolean plan fields off to measure what they save, e.g. fused_lora,cpu_lm_head")
     return parser.parse_args(argv)
@@ -166,7 +166,7 @@ def main(argv) -> int:
         print(f"keep_freed_memory: {keep_freed_memory()}")
     trainer, plan_facts, out, size = build_trainer(args)
     if args.fused_swiglu:
-        from cpuft.train.fused_swiglu import fuse_swiglu_mlps
+        from cpuft.fastpaths.fused_swiglu import fuse_swiglu_mlps
 
         print(f"fused_swiglu: {fuse_swiglu_mlps(trainer.model)} (fused, kept) MLPs")
     mark_lm_head(record_function)

@@ -39,6 +39,7 @@ def _faults_per_step(mode: str) -> list[int]:
     return [int(n) for n in proc.stdout.split()[-8:]]
 
 
+@pytest.mark.slow
 def test_plain_glibc_faults_every_step_in_and_kept_memory_at_most_every_other():
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc mallopt is Linux-only")

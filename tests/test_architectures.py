@@ -66,6 +66,7 @@ def _batch(tokenizer):
     return torch.tensor([tokenizer(text)["input_ids"]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_chosen_attention_loads_trains_and_targets_every_block_linear(built, name):
     import peft

@@ -77,6 +77,7 @@ def since_last_start(log: Path) -> str:
     return log.read_text().rsplit("===== cpuft batch run", 1)[-1]
 
 
+@pytest.mark.slow
 def test_two_job_queue_killed_mid_job_twice_with_the_vm_lost_each_time(tiny_model_dir, dataset, reference_adapter, tmp_path):
     vm, bucket, log = tmp_path / "vm", tmp_path / "bucket", tmp_path / "batch.log"
     queue = write_queue(tmp_path / "queue.yaml", [{"name": "first"}, {"name": "second"}], tiny_model_dir, dataset,
@@ -128,6 +129,7 @@ def test_two_job_queue_killed_mid_job_twice_with_the_vm_lost_each_time(tiny_mode
         assert [r["state"] for r in records] == ["released"]
 
 
+@pytest.mark.slow
 def test_a_job_leased_by_another_live_host_is_left_to_it_and_taken_over_once_that_host_is_gone(
         tiny_model_dir, dataset, tmp_path):
     bucket, log = tmp_path / "bucket", tmp_path / "batch.log"

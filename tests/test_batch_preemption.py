@@ -111,6 +111,7 @@ def max_abs_difference(adapter_a: Path, adapter_b: Path) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_then_kill_9_then_resume_matches_an_uninterrupted_run(tiny_model_dir, dataset, reference_adapter, tmp_path):
     queue = tmp_path / "queue.yaml"
     job_keys = "\n".join(f"    {key}: {value}" for key, value in JOB.items())

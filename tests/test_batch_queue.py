@@ -203,6 +203,7 @@ def test_a_second_scheduler_is_locked_out(queue_dir):
 # ----------------------------------------------------------------------------- real runs
 
 
+@pytest.mark.slow
 def test_failures_stay_isolated_are_retried_and_the_drained_queue_shuts_down(queue_dir):
     queue_path = write_queue(queue_dir, """\
         defaults:

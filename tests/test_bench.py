@@ -18,6 +18,7 @@ def tiny_bench(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_bench_reports_three_variants_with_ratios(tiny_bench):
     out, proc = tiny_bench
     report = json.loads((out / "bench.json").read_text())
@@ -39,6 +40,7 @@ def test_bench_reports_three_variants_with_ratios(tiny_bench):
     assert "speedup_vs_trl_tuned" in proc.stdout
 
 
+@pytest.mark.slow
 def test_every_variant_trains_exactly_the_non_padding_tokens_of_its_data(tiny_bench):
     """Counted here from the bench's own train.jsonl: each conversation through the model's chat
     template, cut at max_length; the bench runs exactly one epoch of those rows."""
@@ -58,6 +60,7 @@ def test_every_variant_trains_exactly_the_non_padding_tokens_of_its_data(tiny_be
         assert run["epochs"] == pytest.approx(1.0), name  # packed rows too: one pass, not 1.5
 
 
+@pytest.mark.slow
 def test_bench_variants_differ_only_where_they_should(tiny_bench):
     out, _ = tiny_bench
     report = json.loads((out / "bench.json").read_text())
@@ -69,6 +72,7 @@ def test_bench_variants_differ_only_where_they_should(tiny_bench):
     assert len({run["trainable_params"] for run in report["variants"].values()}) == 1  # same LoRA everywhere
 
 
+@pytest.mark.slow
 def test_trl_best_packs_padding_free_and_trains_the_same_rows(tiny_bench):
     out, proc = tiny_bench
     report = json.loads((out / "bench.json").read_text())
@@ -83,6 +87,7 @@ def test_trl_best_packs_padding_free_and_trains_the_same_rows(tiny_bench):
     assert "trl_best" in proc.stdout
 
 
+@pytest.mark.slow
 def test_speedup_vs_best_trl_names_the_fastest_trl_run(tiny_bench):
     """Checked against each worker's own result file, not bench.json's derived numbers."""
     out, proc = tiny_bench
@@ -117,6 +122,7 @@ def test_published_shape_sizes_have_the_published_parameter_count(size, publishe
     assert model.get_output_embeddings().weight.shape[0] in (151_936, 128_256)  # full vocabulary
 
 
+@pytest.mark.slow
 def test_bench_writes_a_chart(tiny_bench):
     out, _ = tiny_bench
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""The compact CPU lm_head (cpuft.train.chunked_loss) computes what the plain path computes.
+"""The compact CPU lm_head (cpuft.fastpaths.chunked_loss) computes what the plain path computes.
 
 The yardstick is Hugging Face's own loss: the model's full-logits cross-entropy, `model(...,
 labels=...)`, and its gradients. Tolerances (fp32): |loss difference| <= 1e-5, every LoRA
@@ -40,7 +40,7 @@ def _batch(vocab: int):
 def test_compact_head_matches_full_logits_loss_and_gradients(vocab):
     import torch
 
-    from cpuft.train.chunked_loss import patch_compact_head
+    from cpuft.fastpaths.chunked_loss import patch_compact_head
 
     model = lora_llama(vocab, tied=True)
     ids, mask, labels = _batch(vocab)
@@ -85,7 +85,7 @@ def test_sft_trainer_loss_is_the_same_with_the_compact_head(tiny_model_dir, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from cpuft.train.chunked_loss import use_cpu_lm_head
+    from cpuft.fastpaths.chunked_loss import use_cpu_lm_head
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -110,7 +110,7 @@ def test_sft_trainer_loss_is_the_same_with_the_compact_head(tiny_model_dir, tmp_
 def test_models_that_transform_logits_keep_trls_head():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    from cpuft.train.chunked_loss import why_not_cpu_lm_head
+    from cpuft.fastpaths.chunked_loss import why_not_cpu_lm_head
 
     config = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)

@@ -104,3 +104,28 @@ def test_flags_for_true_false_keys_and_library_fields(argv, expected):
     add_config_arguments(parser)
     config = resolve_config(None, config_values(parser.parse_args(argv)))
     assert {key: config.to_dict()[key] for key in expected} == expected
+
+
+def test_the_job_is_its_sections_with_flat_keys():
+    """SFTJobConfig is the sections (model, data, training, adapter, hardware, evaluation,
+    output) side by side: flat keyword arguments, attributes and dataclasses.replace work on any
+    key, and a stage can take one section as a copy."""
+    import dataclasses
+
+    from cpuft.config.job import CONFIG_FIELDS, KEY_GROUPS
+    from cpuft.config.sections import SECTIONS, HardwareSection, TrainingSection, section_keys
+
+    config = SFTJobConfig(model="m", dataset="sample", max_steps=3, trl_args={"max_grad_norm": 0.5})
+    config = dataclasses.replace(config, quant="nf4")
+    config.learning_rate = 1e-3
+    hardware = config.section(HardwareSection)
+    assert type(hardware) is HardwareSection and hardware.quant == "nf4" and not hasattr(hardware, "model")
+    training = config.section(TrainingSection)
+    assert (training.max_steps, training.learning_rate) == (3, 1e-3)
+    training.trl_args["max_grad_norm"] = 1.0  # a copy: the job is unchanged
+    assert config.trl_args == {"max_grad_norm": 0.5}
+
+    keys = [name for section in SECTIONS for name in section_keys(section)]
+    assert list(CONFIG_FIELDS) == keys == [f.name for f in dataclasses.fields(SFTJobConfig) if f.name in keys]
+    assert len(set(keys)) == len(keys)  # a key belongs to one section
+    assert list(KEY_GROUPS) == [next(iter(section_keys(section))) for section in SECTIONS]

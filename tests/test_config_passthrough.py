@@ -31,6 +31,7 @@ def training_args(checkpoint_dir):
     return torch.load(checkpoint_dir / "training_args.bin", weights_only=False)
 
 
+@pytest.mark.slow
 def test_trl_and_peft_fields_reach_the_trainer_and_survive_resume(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     job = tmp_path / "job.yaml"
@@ -60,6 +61,7 @@ def test_trl_and_peft_fields_reach_the_trainer_and_survive_resume(tmp_path, tiny
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "yaml_text,flags,fragments",
     [
@@ -190,19 +192,47 @@ def test_config_is_the_bottom_layer():
 def test_every_cpuft_key_named_like_an_sftconfig_field_reaches_it():
     """A cpuft key sharing an SFTConfig field's name either sets it as it is (trl=True) or is the
     plan's (the run sets the field): none is silently ignored, and a default that differs from
-    TRL's own is listed as a deviation, with why."""
+    TRL's own is CpuftSFTConfig's default too, with why."""
     from cpuft.config.job import CONFIG_FIELDS
-    from cpuft.config.passthrough import AT_RUN_TIME, TRL_DEVIATIONS, sft_fields
+    from cpuft.config.passthrough import AT_RUN_TIME, TRL_PER_RUN, sft_fields
+    from cpuft.config.trl_config import cpuft_defaults, reason
 
     for name, field in CONFIG_FIELDS.items():
         if name not in sft_fields():
             continue
-        deviation = TRL_DEVIATIONS.get(name)
         if field.metadata.get("trl"):
             library_default = sft_fields()[name].default
-            assert deviation is not None or field.default == library_default, name
+            if field.default != library_default:
+                assert cpuft_defaults()[name].default == field.default and reason(cpuft_defaults()[name]), name
         else:
-            assert deviation is not None and deviation.value is AT_RUN_TIME, name
+            assert TRL_PER_RUN[name].value is AT_RUN_TIME, name
+
+
+def test_cpuft_sft_config_carries_cpufts_defaults_and_stays_trls_sft_config():
+    """CpuftSFTConfig overrides defaults only: each field keeps TRL's type, the fields cpuft pins
+    are among them, and the arguments pickle as TRL's own SFTConfig (training_args.bin loads
+    without cpuft)."""
+    import pickle
+    import typing
+
+    from trl import SFTConfig
+
+    from cpuft.config.passthrough import TRL_PINNED, TRL_PER_RUN
+    from cpuft.config.trl_config import CpuftSFTConfig, cpuft_defaults
+
+    trl_types = typing.get_type_hints(SFTConfig)
+    cpuft_types = typing.get_type_hints(CpuftSFTConfig)
+    for name in cpuft_defaults():
+        assert cpuft_types[name] == trl_types[name], name
+        assert name not in TRL_PER_RUN, name  # a value decided per run is no default
+    assert set(TRL_PINNED) <= set(cpuft_defaults())
+
+    args = CpuftSFTConfig(output_dir="unused", use_cpu=True, bf16=False, activation_checkpointing=False)
+    assert (args.learning_rate, args.max_length, args.disable_tqdm, args.save_total_limit) == (2e-4, 512, True, 2)
+    data = pickle.dumps(args)
+    assert b"cpuft" not in data
+    loaded = pickle.loads(data)
+    assert type(loaded) is SFTConfig and loaded.learning_rate == 2e-4
 
 
 def test_the_batch_queue_takes_the_same_keys(tmp_path, tiny_model_dir):

@@ -77,6 +77,7 @@ def one_and_two(qa_model_dir, qa_dataset, tmp_path_factory):
     return root / "one", root / "two", two
 
 
+@pytest.mark.slow
 def test_two_ranks_follow_the_one_process_loss_curve_and_adapter(one_and_two):
     from safetensors.torch import load_file
 
@@ -92,6 +93,7 @@ def test_two_ranks_follow_the_one_process_loss_curve_and_adapter(one_and_two):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # LoRA B weights are ~0.1 after 4 steps
 
 
+@pytest.mark.slow
 def test_two_ranks_write_one_run_directory(one_and_two):
     _, two, result = one_and_two
     steps = [r["step"] for r in metrics(two) if "loss" in r]
@@ -108,6 +110,7 @@ def test_two_ranks_write_one_run_directory(one_and_two):
     assert result.stdout.count("2 ranks = 2 per node on 1 node") == 1
 
 
+@pytest.mark.slow
 def test_ddp_does_not_search_for_unused_parameters(one_and_two):
     # LoRA gives every trainable parameter a gradient: with find_unused_parameters=True (the
     # Trainer's default without checkpointing) DDP warns on every rank that the search found none.
@@ -163,6 +166,7 @@ def _one_paragraph(out: str, start: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_or_stops_ends_the_job_and_resume_continues(qa_model_dir, qa_dataset, tmp_path):
     import psutil
 

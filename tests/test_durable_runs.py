@@ -75,6 +75,7 @@ def wait_for(predicate, what: str, process: subprocess.Popen, log: Path, timeout
     pytest.fail(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_sigterm_then_kill_9_and_lost_disk_resume_from_the_store(tiny_model_dir, dataset, reference_adapter, tmp_path):
     store, run_dir, log = tmp_path / "bucket" / "job", tmp_path / "vm" / "run", tmp_path / "sft.log"
     resume_args = ("--resume", "--output-dir", run_dir, "--sync-to", store)
@@ -127,6 +128,7 @@ def test_store_that_cannot_be_written_is_refused_before_anything_is_written(tmp_
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_store_unreachable_mid_run_training_goes_on_and_uploads_resume(tmp_path, tiny_model_dir, dataset):
     store, run_dir, log = tmp_path / "bucket", tmp_path / "run", tmp_path / "sft.log"
     parked = tmp_path / "bucket-away"
@@ -149,7 +151,7 @@ def test_store_unreachable_mid_run_training_goes_on_and_uploads_resume(tmp_path,
 
 def test_resume_skips_a_checkpoint_a_hard_kill_cut_short(tmp_path, capsys):
     # The Trainer writes trainer_state.json last: checkpoint-4 without it was cut short mid-save.
-    from cpuft.train.run_dir import checkpoint_to_resume
+    from cpuft.run_dir import RunDir
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
@@ -158,7 +160,7 @@ def test_resume_skips_a_checkpoint_a_hard_kill_cut_short(tmp_path, capsys):
     (tmp_path / "checkpoint-3-notes").mkdir()  # not a checkpoint name: ignored
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)))
 
-    assert checkpoint_to_resume(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert RunDir(tmp_path).checkpoint_to_resume() == str(tmp_path / "checkpoint-2")
     assert not (tmp_path / "checkpoint-4").exists()
     assert [p.name.startswith("incomplete-checkpoint-4-") for p in tmp_path.glob("incomplete-*")] == [True]
     assert "checkpoint-4 was cut short" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The fused LoRA linear (cpuft.train.fused_lora) computes what PEFT's LoRA computes.
+"""The fused LoRA linear (cpuft.fastpaths.fused_lora) computes what PEFT's LoRA computes.
 
 Yardsticks: stock PEFT's forward (dropout 0: every op is deterministic) and, with dropout, torch's
 own autograd of y = x W^T + b + s ((x * keep / (1 - p)) A^T) B^T with the same keep mask.
@@ -58,7 +58,7 @@ def _assert_close(got: dict, want: dict, rel: float):
 
 
 def test_whole_model_loss_and_gradients_equal_stock_peft():
-    from cpuft.train.fused_lora import fuse_lora_layers
+    from cpuft.fastpaths.fused_lora import fuse_lora_layers
 
     model, batch = lora_llama(), _batch()
     peft_loss, peft_grads = loss_and_grads(model, batch)
@@ -74,7 +74,7 @@ def test_whole_model_loss_and_gradients_equal_stock_peft():
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_one_layer_equals_torch_autograd_with_the_same_mask(p):
-    from cpuft.train.fused_lora import keep_mask, keep_scale, lora_linear
+    from cpuft.fastpaths.fused_lora import keep_mask, keep_scale, lora_linear
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 37, 24, generator=generator, requires_grad=True)
@@ -100,7 +100,7 @@ def test_one_layer_equals_torch_autograd_with_the_same_mask(p):
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
 def test_keep_mask_keeps_one_minus_p_in_every_lane(p):
-    from cpuft.train.fused_lora import keep_mask, keep_scale
+    from cpuft.fastpaths.fused_lora import keep_mask, keep_scale
 
     torch.manual_seed(0)
     mask = keep_mask((1000, 4000), p)
@@ -115,7 +115,7 @@ def test_keep_mask_keeps_one_minus_p_in_every_lane(p):
 
 def test_dropout_is_unbiased_like_torchs():
     """Dropout's law, as torch's: E[output] is the no-dropout output (keep / (1 - p) rescales)."""
-    from cpuft.train.fused_lora import lora_linear
+    from cpuft.fastpaths.fused_lora import lora_linear
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(8, 16, generator=generator)
@@ -130,7 +130,7 @@ def test_dropout_is_unbiased_like_torchs():
 
 
 def test_dropout_training_draws_fresh_masks_and_stays_finite():
-    from cpuft.train.fused_lora import fuse_lora_layers
+    from cpuft.fastpaths.fused_lora import fuse_lora_layers
 
     model, batch = lora_llama(dropout=0.1), _batch()
     assert fuse_lora_layers(model) == (14, 0)
@@ -145,7 +145,7 @@ def test_dropout_training_draws_fresh_masks_and_stays_finite():
 def test_gradient_checkpointing_recomputes_the_same_dropout_masks(use_reentrant):
     """With dropout, checkpointing's recompute must draw the masks its first forward drew (reentrant
     checkpointing runs that forward without gradients): the same loss and gradients as no checkpointing."""
-    from cpuft.train.fused_lora import fuse_lora_layers
+    from cpuft.fastpaths.fused_lora import fuse_lora_layers
 
     model, batch = lora_llama(dropout=0.1), _batch()
     fuse_lora_layers(model)
@@ -160,7 +160,7 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks(use_reentrant)
 
 
 def test_autocast_bf16_runs_in_bf16_and_returns_fp32_adapter_gradients():
-    from cpuft.train.fused_lora import fuse_lora_layers
+    from cpuft.fastpaths.fused_lora import fuse_lora_layers
 
     model, batch = lora_llama(), _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -174,7 +174,7 @@ def test_autocast_bf16_runs_in_bf16_and_returns_fp32_adapter_gradients():
 
 
 def test_layers_it_cannot_fuse_keep_peft_forward():
-    from cpuft.train.fused_lora import fuse_lora_layers, why_not_fused
+    from cpuft.fastpaths.fused_lora import fuse_lora_layers, why_not_fused
 
     model = lora_llama(use_dora=True)
     layer = model.get_base_model().model.layers[0].self_attn.q_proj

@@ -1,4 +1,4 @@
-"""The fused gated-MLP activation (cpuft.train.fused_swiglu) computes transformers' own MLP.
+"""The fused gated-MLP activation (cpuft.fastpaths.fused_swiglu) computes transformers' own MLP.
 
 Yardstick: the MLP's own forward (`down_proj(act_fn(gate_proj(x)) * up_proj(x))`) and torch's
 autograd of it. Tolerances (fp32): outputs and gradients within 1e-6 of the largest magnitude
@@ -15,7 +15,7 @@ from tests.test_fused_lora import lora_llama, loss_and_grads  # noqa: E402  (aft
 
 
 def test_silu_mul_equals_torch_autograd():
-    from cpuft.train.fused_swiglu import silu_mul
+    from cpuft.fastpaths.fused_swiglu import silu_mul
 
     generator = torch.Generator().manual_seed(0)
     gate = (torch.randn(64, 96, generator=generator) * 3).requires_grad_(True)  # both tails of SiLU
@@ -31,7 +31,7 @@ def test_silu_mul_equals_torch_autograd():
 
 
 def test_whole_model_loss_and_gradients_equal_transformers_mlp():
-    from cpuft.train.fused_swiglu import fuse_swiglu_mlps
+    from cpuft.fastpaths.fused_swiglu import fuse_swiglu_mlps
 
     model = lora_llama()
     batch = {"input_ids": torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))}
@@ -50,7 +50,7 @@ def test_it_keeps_one_intermediate_tensor_less_per_layer():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from cpuft.train.fused_swiglu import fuse_swiglu_mlps
+    from cpuft.fastpaths.fused_swiglu import fuse_swiglu_mlps
 
     mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=256)).train()
     for p in mlp.parameters():
@@ -78,7 +78,7 @@ def test_other_activations_keep_their_forward():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from cpuft.train.fused_swiglu import fuse_swiglu_mlps
+    from cpuft.fastpaths.fused_swiglu import fuse_swiglu_mlps
 
     gelu = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64, hidden_act="gelu"))
     assert fuse_swiglu_mlps(gelu) == (0, 1)

@@ -45,7 +45,7 @@ def test_a_revision_for_a_local_model_directory_is_refused(tiny_model_dir):
         resolve_config(None, {"model": str(tiny_model_dir), "revision": "v1.0"})
     hub = resolve_config(None, {"model": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "v1.0"})
     assert hub.to_dict()["revision"] == "v1.0"  # config.yaml keeps it for --resume
-    from cpuft.config.passthrough import peft_config_kwargs
+    from cpuft.config.peft_config import peft_config_kwargs
 
     assert peft_config_kwargs(hub, total_steps=10)[0]["revision"] == "v1.0"  # adapter_config.json records it
 
@@ -90,6 +90,7 @@ def remote_code_model(tiny_model_dir, tmp_path_factory) -> Path:
     return model_dir
 
 
+@pytest.mark.slow
 def test_a_model_with_its_own_code_needs_trust_remote_code(remote_code_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))  # transformers copies the code there
     out = tmp_path / "run"
@@ -160,6 +161,7 @@ def test_offline_integrations_get_their_local_modes(tmp_path):
 # ----------------------------------------------------------------------------- evaluation during training
 
 
+@pytest.mark.slow
 def test_eval_steps_keeps_the_best_checkpoint_as_the_adapter(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     # A high learning rate makes the eval loss move a lot between evaluations.
@@ -201,6 +203,7 @@ def test_save_steps_follow_eval_steps_or_are_refused_with_the_fix(tmp_path):
     assert resolve_config(None, {"eval_steps": "4", "save_steps": "6", "load_best_model_at_end": "false"}).save_steps == 6
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_the_run_at_the_first_evaluation_that_is_not_better_enough(tiny_model_dir, tmp_path):
     """Patience 1 with a threshold of 1.0: an evaluation counts as better only when its loss is
     more than 1.0 below the best so far. The tiny model's eval loss moves by hundredths per step

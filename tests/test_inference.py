@@ -127,6 +127,7 @@ def test_merged_load_scores_the_same_as_the_adapter(qa_run_dir, qa_eval_rows, ad
     assert merged.loss == pytest.approx(adapter_loss.loss, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", SYNTHETIC_CPUS)
 def test_int8_runs_under_the_dtype_planned_for_each_cpu_kind(kind, qa_run_dir, qa_eval_rows, adapter_loss):
     """`--int8` (the kind's default method) and every other --int8-method load, score, generate and
@@ -163,6 +164,7 @@ def test_int8_runs_under_the_dtype_planned_for_each_cpu_kind(kind, qa_run_dir, q
         assert "".join(stream(loaded, settings, messages=prompt)) == reply  # the chat path, same greedy tokens
 
 
+@pytest.mark.slow
 def test_cli_int8_with_bf16_requested_runs_in_fp32_and_says_why(qa_run_dir, tmp_path):
     # On this AVX2 CPU --dtype bf16 forces the bf16 the plan picks on AMX / AVX-512-BF16 CPUs;
     # before the fix it ended in "expected scalar type Float but found BFloat16".

@@ -121,6 +121,7 @@ def test_architecture_trains_merges_generates_and_plans(name, rows_file, tmp_pat
         assert time_plan["step_costs"] is not None, time_plan.get("notes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SEQ2SEQ)
 def test_seq2seq_plan_names_the_seq2seq_class_and_task(name, tmp_path):
     base = build_architecture(name, tmp_path / "base")

@@ -152,6 +152,7 @@ def test_plan_compiles_only_runs_long_enough_to_repay_the_warm_up():
     assert plan_for(machine, PlanRequest(max_steps=10**6, torch_compile=False)).torch_compile is False
 
 
+@pytest.mark.slow
 def test_cpuft_sft_trains_with_packing(tiny_model_dir, tmp_path):
     import json
 

@@ -25,6 +25,8 @@ from cpuft.cli import main
 from tests.conftest import write_jsonl
 from tests.test_peft_methods import conversation_rows
 
+pytestmark = pytest.mark.slow  # 8 trainings; tests/test_inference.py covers generate, eval, merge and --int8 on LoRA
+
 WEIGHT_METHODS = ("lora", "loha", "lokr", "ia3", "adalora")
 VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 METHODS = WEIGHT_METHODS + VIRTUAL_TOKEN_METHODS

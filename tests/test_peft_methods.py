@@ -14,7 +14,7 @@ import torch
 from cpuft.config.job import resolve_config
 from cpuft.hardware.probe import probe_machine
 from cpuft.train.peft_methods import PEFT_METHODS, build_peft_config
-from cpuft.train.recipe import SFTRecipe
+from cpuft.train.sft import prepare_run, train_run
 from tests.conftest import write_jsonl
 
 WORDS = "the cat sat on a mat while the dog ran to the park and birds sang in tall green trees".split()
@@ -50,10 +50,8 @@ def train_method(model_dir, data, run_dir, method: str, **extra):
                   max_steps=3, per_device_batch_size=4, gradient_accumulation_steps=1, max_length=64,
                   eval_fraction=0.0, learning_rate=5e-2, warmup_steps=0, num_virtual_tokens=4,
                   lora_r=4, save_steps=100, device="cpu", dtype="fp32", **extra)
-    recipe = SFTRecipe(resolve_config(None, values), probe_machine(), show_progress=False, log=lambda *a: None)
-    recipe.setup()
-    result = recipe.train()
-    return recipe, result
+    run = prepare_run(resolve_config(None, values), probe_machine(), log=lambda *a: None)
+    return run, train_run(run, show_progress=False, log=lambda *a: None)
 
 
 def logits_of(model, input_ids):
@@ -62,23 +60,24 @@ def logits_of(model, input_ids):
         return model(input_ids=input_ids).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", PEFT_METHODS)
 def test_method_trains_saves_and_reloads(tiny_setup, tmp_path, method):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_dir, data = tiny_setup
-    recipe, result = train_method(model_dir, data, tmp_path / "run", method)
+    _, result = train_method(model_dir, data, tmp_path / "run", method)
     summary = result.summary
     assert result.status == "completed"
-    assert summary["steps"] == 3
-    assert summary["final_loss"] is not None and summary["final_loss"] == summary["final_loss"]  # not NaN
-    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary.steps == 3
+    assert summary.final_loss is not None and summary.final_loss == summary.final_loss  # not NaN
+    assert 0 < summary.trainable_params < summary.total_params
     adapter_dir = tmp_path / "run" / "adapter"
     assert (adapter_dir / "adapter_config.json").is_file()
 
     input_ids = torch.tensor([[5, 17, 42, 7, 99, 3, 11, 60]])
-    trained = logits_of(recipe.trainer.model, input_ids)
+    trained = logits_of(result.model, input_ids)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     base_logits = logits_of(base, input_ids)
     reloaded = PeftModel.from_pretrained(base, adapter_dir)

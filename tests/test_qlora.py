@@ -88,7 +88,7 @@ def test_nf4_loads_4bit_layers_and_trains_an_fp32_adapter_on_cpu(qlora_model, tm
 
     from cpuft.config.job import resolve_config
     from cpuft.hardware.probe import probe_machine
-    from cpuft.train.recipe import SFTRecipe
+    from cpuft.train.sft import prepare_run, train_run
 
     model_dir, data = qlora_model
     config = resolve_config(None, dict(
@@ -96,22 +96,22 @@ def test_nf4_loads_4bit_layers_and_trains_an_fp32_adapter_on_cpu(qlora_model, tm
         dtype="fp32", max_steps=3, per_device_batch_size=4, gradient_accumulation_steps=1, max_length=64, eval_fraction=0.0,
         learning_rate=5e-2, warmup_steps=0, lora_r=4, save_steps=100,
     ))
-    recipe = SFTRecipe(config, probe_machine(), show_progress=False, log=lambda *a: None)
-    recipe.setup()
-    four_bit = [m for m in recipe.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    run = prepare_run(config, probe_machine(), log=lambda *a: None)
+    four_bit = [m for m in run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7  # every projection of both layers; lm_head stays unquantised
-    assert recipe.memory_plan.settings.quantization == "nf4"
-    result = recipe.train()
-    assert result.status == "completed" and result.summary["quantization"] == "nf4"
-    trainable = [p for p in recipe.trainer.model.parameters() if p.requires_grad]
+    assert run.preflight.memory_plan.settings.quantization == "nf4"
+    result = train_run(run, show_progress=False, log=lambda *a: None)
+    assert result.status == "completed" and result.summary.quantization == "nf4"
+    trainable = [p for p in result.model.parameters() if p.requires_grad]
     # TRL casts a quantised model's adapter to bf16; cpuft keeps it fp32 where compute is fp32.
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     # LoRA's B matrices start at zero: after three steps they must have moved.
-    lora_b = [p for name, p in recipe.trainer.model.named_parameters() if "lora_B" in name]
+    lora_b = [p for name, p in result.model.named_parameters() if "lora_B" in name]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
-    assert result.summary["final_loss"] == result.summary["final_loss"]  # not NaN
+    assert result.summary.final_loss == result.summary.final_loss  # not NaN
 
 
+@pytest.mark.slow
 def test_cpuft_sft_quant_nf4_end_to_end(qlora_model, tmp_path):
     model_dir, data = qlora_model
     run_dir = tmp_path / "run"

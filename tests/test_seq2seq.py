@@ -94,6 +94,7 @@ def test_collator_labels_are_the_target_ids_with_padding_ignored(t5_dir):
     assert batch["input_ids"][1].tolist()[: batch["attention_mask"][1].sum()] == second_prompt
 
 
+@pytest.mark.slow
 def test_sft_trains_a_t5_adapter_that_stock_peft_merge_generate_and_eval_use(t5_dir, tmp_path):
     data = write_jsonl(tmp_path / "sums.jsonl", ROWS)
     run_dir = tmp_path / "run"
@@ -141,6 +142,7 @@ def test_plain_text_rows_are_refused_for_seq2seq(t5_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_lima_sample_sigterm_checkpoints_and_resume_finishes(t5_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(

@@ -59,6 +59,7 @@ def test_summary_figures_are_plausible(trained_run):
     assert summary["wall_seconds"] >= summary["train_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_trained_tokens_are_the_non_padding_tokens_of_the_data(tiny_model_dir, tmp_path):
     """train_tokens counted here from the dataset: every row through the chat template, cut at
     max_length; 4 steps of 4 rows over 8 rows are exactly two epochs."""
@@ -170,6 +171,7 @@ def test_dry_run_plans_without_writing(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_finishes(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
@@ -235,6 +237,7 @@ def chatml_reply_tokens(tokenizer) -> int:
     return sum(len(tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1 for reply in REPLIES)
 
 
+@pytest.mark.slow
 def test_loss_counts_the_assistant_replies_only(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -262,17 +265,16 @@ def test_the_trl_collator_gets_labels_only_on_the_replies(tiny_model_dir, tmp_pa
     are exactly the replies each with its <|im_end|>; system and user turns and padding are -100."""
     from cpuft.config.job import resolve_config
     from cpuft.hardware.probe import probe_machine
-    from cpuft.train.recipe import SFTRecipe
+    from cpuft.train.sft import build_trainer, prepare_run
 
     data = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
     config = resolve_config(None, {"model": str(tiny_model_dir), "dataset": str(data), "max_steps": 1,
                                    "eval_fraction": 0.0, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
                                    "output_dir": str(tmp_path / "run")})
-    recipe = SFTRecipe(config, probe_machine(), show_progress=False, log=lambda *a, **k: None)
-    recipe.setup()
-    trainer = recipe.build_trainer()
+    run = prepare_run(config, probe_machine(), log=lambda *a, **k: None)
+    trainer = build_trainer(run, callbacks=[])
     batch = next(iter(trainer.get_train_dataloader()))
-    tokenizer = recipe.tokenizer
+    tokenizer = run.tokenizer
     spans = []
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
         run = []
@@ -310,6 +312,7 @@ def base_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_base_model_without_chat_template_trains_its_new_tokens(base_model_dir, tmp_path):
     import torch
     from peft import AutoPeftModelForCausalLM

@@ -1,4 +1,4 @@
-"""The time plan from measured step parts (cpuft.planning.cloud, cpuft.hardware.step_cost).
+"""The time plan from measured step parts (cpuft.planning.cloud, cpuft.planning.step_cost).
 
 No timed asserts: the machine is shared, so a planned-vs-measured factor would be flaky. The
 arithmetic is checked on hand-computed inputs; the measurement is checked for what can be seen
@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from cpuft.hardware.step_cost import StepCosts
+from cpuft.planning.step_cost import StepCosts
 from cpuft.planning.cloud import micro_batch_shape, run_seconds_from_parts
 from cpuft.planning.memory import RunSettings
 from tests.conftest import random_chat_rows, run_cpuft, write_jsonl
@@ -49,16 +49,23 @@ def test_micro_batch_shape_pads_grouped_rows_and_fills_packed_ones():
     assert micro_batch_shape(settings, mean_seq_len=88.0, packed=True) == (4, 512.0)
 
 
-def test_step_costs_are_measured_at_the_models_shapes_and_cached(tiny_model_dir, tmp_path, monkeypatch):
-    from transformers import AutoConfig
+def _planned(model_dir, **keys):
+    """The preflight `cpuft sft` runs for a job on `model_dir` with `keys`, on this machine."""
+    from cpuft.config.job import SFTJobConfig
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.planning.preflight import preflight
 
-    from cpuft.hardware.step_cost import cache_dir, step_costs
+    return preflight(SFTJobConfig(model=str(model_dir), **keys), probe_machine())
+
+
+def test_step_costs_are_measured_at_the_models_shapes_and_cached(tiny_model_dir, tmp_path, monkeypatch):
+    from cpuft.planning.step_cost import cache_dir, step_costs
 
     monkeypatch.setenv("CPUFT_CACHE_DIR", str(tmp_path))
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    args = dict(rows=4, seq_len=64, weights_dtype="fp32", compute_dtype="fp32", lora_r=8, lora_dropout=0.05,
-                target_modules="all-linear", attn_implementation="sdpa", threads=1)
-    first = step_costs(config, **args)
+    checked = _planned(tiny_model_dir, dtype="fp32", lora_r=8, lora_dropout=0.05, threads=1, attn_implementation="sdpa")
+    config, settings, plan = checked.model_config, checked.run_settings, checked.plan
+    assert (settings.compute_dtype, settings.lora_r, plan.threads) == ("fp32", 8, 1)
+    first = step_costs(config, settings, plan, rows=4, seq_len=64)
     assert first.num_layers == config.num_hidden_layers
     assert (first.rows, first.seq_len) == (4, 64)
     assert first.layer_forward_seconds + first.layer_backward_seconds > 0
@@ -66,12 +73,13 @@ def test_step_costs_are_measured_at_the_models_shapes_and_cached(tiny_model_dir,
     [entry] = list(cache_dir().glob("*.json"))
     assert json.loads(entry.read_text())["key"]["seq_len"] == 64
     stamp = entry.stat().st_mtime_ns
-    assert step_costs(config, **args) == first  # read back, not measured again
+    assert step_costs(config, settings, plan, rows=4, seq_len=64) == first  # read back, not measured again
     assert entry.stat().st_mtime_ns == stamp
-    step_costs(config, **{**args, "seq_len": 96})  # another shape: another measurement
+    step_costs(config, settings, plan, rows=4, seq_len=96)  # another shape: another measurement
     assert len(list(cache_dir().glob("*.json"))) == 2
 
 
+@pytest.mark.slow
 def test_sft_header_shows_the_measured_parts_and_the_summary_keeps_the_plan(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", random_chat_rows(0, 8, 24, count=12))
     run_dir = tmp_path / "run"
@@ -92,15 +100,13 @@ def test_sft_header_shows_the_measured_parts_and_the_summary_keeps_the_plan(tiny
 def test_step_costs_find_the_decoder_layers_of_families_without_model_dot_layers(name, tmp_path, monkeypatch):
     # GPT-NeoX keeps its blocks in gpt_neox.layers, OPT in model.decoder.layers, BLOOM and Falcon
     # in transformer.h: the time plan used to fail on them and fall back to the FLOP count.
-    from transformers import AutoConfig
-
-    from cpuft.hardware.step_cost import measure_step_costs
+    from cpuft.planning.step_cost import measure_step_costs
     from cpuft.testing.architectures import build_architecture
 
     monkeypatch.setenv("CPUFT_CACHE_DIR", str(tmp_path / "cache"))
-    config = AutoConfig.from_pretrained(build_architecture(name, tmp_path / name))
-    costs = measure_step_costs(config, rows=2, seq_len=32, weights_dtype="fp32", compute_dtype="fp32", lora_r=4,
-                               lora_dropout=0.0, target_modules="all-linear", attn_implementation="eager", threads=1)
-    assert costs.num_layers == config.num_hidden_layers
+    checked = _planned(build_architecture(name, tmp_path / name), dtype="fp32", lora_r=4, lora_dropout=0.0,
+                       threads=1, attn_implementation="eager")
+    costs = measure_step_costs(checked.model_config, checked.run_settings, checked.plan, rows=2, seq_len=32)
+    assert costs.num_layers == checked.model_config.num_hidden_layers
     assert costs.layer_forward_seconds > 0 and costs.layer_backward_seconds > 0
     assert costs.optimizer_seconds > 0  # the first block's LoRA tensors were found by their path

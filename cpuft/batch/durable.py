@@ -54,7 +54,9 @@ from dataclasses import fields
 from cpuft.batch.lock import process_alive
 from cpuft.batch.state import STATES, JobRecord
 from cpuft.errors import first_line
+from cpuft.run_dir import RunDir
 from cpuft.storage import JobLease, LeaseRecord, RunStore, StoredCheckpoint
+from cpuft.summary import Summary
 
 SNAPSHOT_NAME = "queue-state.json"
 SNAPSHOT_FORMAT = 1
@@ -82,18 +84,13 @@ class QueueStore:
     def job_store(self, name: str) -> RunStore:
         return RunStore(self.job_url(name))
 
-    def completed_summary(self, job_store: RunStore) -> dict | None:
+    def completed_summary(self, job_store: RunStore) -> Summary | None:
         """The job's summary when its store holds a finished run (summary + complete adapter)."""
-        data = job_store.get_bytes("summary.json")
-        if data is None:
+        data = job_store.get_bytes(RunDir.SUMMARY)
+        summary = Summary.parse(data) if data is not None else None
+        if summary is None or summary.status != "completed":
             return None
-        try:
-            summary = json.loads(data)
-        except ValueError:
-            return None
-        if not isinstance(summary, dict) or summary.get("status") != "completed":
-            return None
-        return summary if job_store.directory_problem("adapter") is None else None
+        return summary if job_store.directory_problem(RunDir.ADAPTER) is None else None
 
     def newest_checkpoint(self, job_store: RunStore) -> StoredCheckpoint | None:
         return next((c for c in job_store.checkpoints() if c.complete), None)

@@ -7,6 +7,7 @@ from typing import Any
 
 from cpuft.batch.queue import BatchQueue
 from cpuft.batch.state import JobRecord
+from cpuft.summary import Summary
 
 COLUMNS = ("job", "state", "attempts", "failures", "steps", "final loss", "eval loss", "tok/s", "run dir", "note")
 
@@ -35,19 +36,14 @@ def status_rows(queue: BatchQueue, records: list[JobRecord], lock_holder: str | 
 def format_status_table(rows: list[dict[str, Any]], lock_holder: str | None) -> str:
     table = [COLUMNS]
     for row in rows:
-        summary = row.get("summary") or {}
-        steps = summary.get("steps")
-        if steps is not None and summary.get("max_steps"):
-            steps = f"{steps}/{summary['max_steps']}"
+        # The state row's copy of summary.json (a snapshot from another machine may hold only some figures).
+        summary = Summary.from_dict(row["summary"]) if row.get("summary") else None
         table.append((
             row["name"],
             row["state"] + (" (stale)" if row.get("stale") else ""),
             str(row.get("attempts", 0)),
             str(row.get("failures", 0)),
-            _text(steps),
-            _number(summary.get("final_loss")),
-            _number(summary.get("eval_loss")),
-            _number(summary.get("train_tokens_per_second"), "{:.0f}"),
+            *_summary_cells(summary),
             row.get("run_dir", ""),
             _shorten(_note(row), 100),
         ))
@@ -60,6 +56,15 @@ def format_status_table(rows: list[dict[str, Any]], lock_holder: str | None) -> 
     totals = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no jobs"
     runner = f"scheduler running ({lock_holder})" if lock_holder else "no scheduler running"
     return "\n".join(lines) + f"\n\n{len(rows)} job(s): {totals}; {runner}."
+
+
+def _summary_cells(summary: Summary | None) -> tuple[str, str, str, str]:
+    """steps (of max_steps), final loss, eval loss, tok/s; dashes for a job without a summary yet."""
+    if summary is None:
+        return ("-",) * 4
+    steps = f"{summary.steps}/{summary.max_steps}" if summary.max_steps else str(summary.steps)
+    return (steps, _number(summary.final_loss), _number(summary.eval_loss),
+            _number(summary.train_tokens_per_second, "{:.0f}"))
 
 
 def _note(row: dict[str, Any]) -> str:
@@ -83,7 +88,3 @@ def _shorten(text: str, width: int) -> str:
 
 def _number(value, fmt: str = "{:.4f}") -> str:
     return "-" if value is None else fmt.format(value)
-
-
-def _text(value) -> str:
-    return "-" if value is None else str(value)

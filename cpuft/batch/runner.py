@@ -27,7 +27,6 @@ starts from scratch (`cpuft sft` refuses a non-empty output directory without --
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -53,6 +52,8 @@ from cpuft.errors import (
     UserError,
     first_line,
 )
+from cpuft.run_dir import RunDir
+from cpuft.summary import Summary
 
 ORPHAN_STOP_SECONDS = 120  # how long an orphaned trainer gets to checkpoint after SIGTERM
 STORE_RETRY_SECONDS = (2, 4, 8, 16, 30)  # waits between tries of a store call before giving up
@@ -195,7 +196,7 @@ class BatchRunner:
     def _run_job_here(self, job: BatchJob, lease) -> None:
         resume_from, finished_summary = self._prepare_run_dir(job)
         if finished_summary is not None:
-            self.store.mark_done_on_disk(job.name, finished_summary)
+            self.store.mark_done_on_disk(job.name, finished_summary.to_dict())
             self.log(f"job {job.name}: already finished in {job.run_dir}; recorded as done, not rerun")
             self._publish()
             return
@@ -203,7 +204,7 @@ class BatchRunner:
         if self.durable is not None:
             resume_from, finished_summary = self._prepare_from_store(job, resume_from)
             if finished_summary is not None:
-                self.store.mark_done_on_disk(job.name, finished_summary)
+                self.store.mark_done_on_disk(job.name, finished_summary.to_dict())
                 self.log(f"job {job.name}: its store {self.durable.job_url(job.name)} holds the finished run;"
                          " recorded as done, not rerun")
                 self._publish()
@@ -261,26 +262,28 @@ class BatchRunner:
         self._publish()
 
     def _record_exit(self, job: BatchJob, code: int, log_path: Path, seconds: float) -> None:
-        summary = _read_summary(job.run_dir)
+        summary = RunDir(job.run_dir).read_summary()  # None when the child stopped before writing one
+        figures = summary.to_dict() if summary is not None else {}  # the state row's copy
+        steps = summary.steps if summary is not None else "?"
         if code == EXIT_OK:
-            self.store.finish(job.name, "done", code, summary=summary)
+            self.store.finish(job.name, "done", code, summary=figures)
             loss = ""
-            if summary.get("first_loss") is not None and summary.get("final_loss") is not None:
-                loss = f", loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
-            self.log(f"job {job.name}: done in {seconds:.0f} s, {summary.get('steps', '?')} steps{loss}")
+            if summary is not None and summary.first_loss is not None and summary.final_loss is not None:
+                loss = f", loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}"
+            self.log(f"job {job.name}: done in {seconds:.0f} s, {steps} steps{loss}")
         elif self._lease_lost is not None and code != EXIT_BAD_INPUT:
             # We stopped it: another scheduler holds its lease now. Not a failure, and not a reason
             # for this runner to stop (exit 75 stays reserved for a signal to the runner).
-            self.store.finish(job.name, "preempted", code, summary=summary or None,
+            self.store.finish(job.name, "preempted", code, summary=figures or None,
                               error=f"stopped because its lease was lost: {self._lease_lost}")
-            self.log(f"job {job.name}: stopped at step {summary.get('steps', '?')}: its lease was lost"
+            self.log(f"job {job.name}: stopped at step {steps}: its lease was lost"
                      f" ({self._lease_lost})")
         elif code == EXIT_INTERRUPTED or (self.stop_signal is not None and code != EXIT_BAD_INPUT):
             # A child stopped before its signal handler was installed dies of the signal itself;
             # we asked it to stop, so that is a preemption too (it resumes from its last checkpoint).
-            self.store.finish(job.name, "preempted", code, summary=summary or None,
+            self.store.finish(job.name, "preempted", code, summary=figures or None,
                               error="stopped by a signal; resumes from its last checkpoint")
-            self.log(f"job {job.name}: preempted at step {summary.get('steps', '?')}; the next start resumes it")
+            self.log(f"job {job.name}: preempted at step {steps}; the next start resumes it")
             if self.stop_signal is None:
                 # Someone signalled the trainer directly: the machine is likely going down. Stop too.
                 self.stop_signal = signal.SIGTERM
@@ -296,16 +299,16 @@ class BatchRunner:
                 plan = f"failure {record.failures} of {self.queue.max_failures}; giving up"
             self.log(f"job {job.name}: FAILED (exit {code}): {error} [{plan}; log: {log_path}]")
 
-    def _prepare_run_dir(self, job: BatchJob) -> tuple[str | None, dict | None]:
+    def _prepare_run_dir(self, job: BatchJob) -> tuple[str | None, Summary | None]:
         """(checkpoint to resume from or None, summary if the run already completed)."""
-        run_dir = job.run_dir
-        if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        run = RunDir(job.run_dir)
+        if not run.path.is_dir() or not any(run.path.iterdir()):
             return None, None
-        summary = _read_summary(run_dir)
-        if summary.get("status") == "completed" and (run_dir / "adapter").is_dir():
+        summary = run.read_summary()
+        if summary is not None and summary.status == "completed" and run.adapter_dir.is_dir():
             return None, summary
-        checkpoint = last_complete_checkpoint(run_dir, log=self.log)
-        if checkpoint is not None and (run_dir / "config.yaml").is_file():
+        checkpoint = last_complete_checkpoint(run.path, log=self.log)
+        if checkpoint is not None and run.config_file.is_file():
             return str(checkpoint), None
         self._set_aside(job, "has no checkpoint to resume from (starting afresh)")
         return None, None
@@ -318,7 +321,7 @@ class BatchRunner:
 
     # ------------------------------------------------------------------ the store
 
-    def _prepare_from_store(self, job: BatchJob, local_checkpoint: str | None) -> tuple[str | None, dict | None]:
+    def _prepare_from_store(self, job: BatchJob, local_checkpoint: str | None) -> tuple[str | None, Summary | None]:
         """(checkpoint to resume from, summary if the store holds the finished run), where the
         store's newest complete checkpoint wins over an older (or no) local one."""
         job_store = self.durable.job_store(job.name)
@@ -466,13 +469,6 @@ def run_shutdown(command: str, log=print) -> int:
     except OSError as exc:
         log(f"could not run {command!r}: {exc}")
         return 127
-
-
-def _read_summary(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _last_error(log_path: Path) -> str | None:

@@ -65,14 +65,14 @@ def run_variant(spec: dict) -> dict:
 
 
 def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = None):
-    """cpuft's own recipe, exactly as `cpuft sft` runs it, with the plan it picks here
+    """cpuft's own recipe through its public stages (cpuft.train.sft), as `cpuft sft` runs it, with the plan it picks here
     (`plan_overrides`, e.g. {"fused_lora": False}: that plan field replaced, to measure a candidate)."""
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from cpuft.config.job import SFTJobConfig
     from cpuft.hardware.probe import probe_machine
-    from cpuft.train.recipe import SFTRecipe
-    from cpuft.train.run_dir import write_run_header
+    from cpuft.train.peft_methods import method_callbacks
+    from cpuft.train.sft import build_trainer, prepare_run
 
     config = SFTJobConfig(
         model=spec["model"], dataset=spec["train"], dataset_format="messages", eval_fraction=0.0,
@@ -85,23 +85,23 @@ def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = No
         device="cpu", dtype="fp32" if force_fp32 else "auto",
         loss_on="all",  # the TRL variants train every token: same tokens, same loss, comparable
     )
-    recipe = SFTRecipe(config, probe_machine(), show_progress=False, log=lambda *a, **k: None)
-    recipe.setup()
+    run = prepare_run(config, probe_machine(), log=lambda *a, **k: None)
     if plan_overrides:
-        recipe.plan = replace(recipe.plan, **plan_overrides)
-    write_run_header(recipe.run_dir, recipe.config, recipe.machine, recipe.plan)
-    trainer = recipe.build_trainer()
-    plan = recipe.plan
+        run = run.with_plan(**plan_overrides)
+    run.run_dir.write_header(run.job, run.machine, run.plan)
+    # The bench times the steps with its own MetricsCallback (cpuft.bench.measure), as for TRL's variants.
+    trainer = build_trainer(run, method_callbacks(run.job))
+    plan = run.plan
     plan_facts = {"compute_dtype": plan.compute_dtype, "gradient_checkpointing": plan.gradient_checkpointing,
                   "threads": plan.threads, "sampling": trainer.args.train_sampling_strategy,
                   "packing": plan.packing, "torch_compile": bool(trainer.args.torch_compile),
                   "optimizer": getattr(trainer.args.optim, "value", trainer.args.optim),
                   "cpu_lm_head": plan.cpu_lm_head, "fused_lora": plan.fused_lora,
                   # The time plan `cpuft sft` printed, against which the bench's train_seconds is checked.
-                  "planned_train_seconds": recipe.time_estimate.total_seconds if recipe.time_estimate else None,
-                  "planned_parts_seconds": recipe.time_estimate.parts_seconds if recipe.time_estimate else None}
+                  "planned_train_seconds": run.time_estimate.total_seconds if run.time_estimate else None,
+                  "planned_parts_seconds": run.time_estimate.parts_seconds if run.time_estimate else None}
     # The base model as loaded, before SFTTrainer injected the LoRA layers.
-    return trainer, asdict(recipe.model_facts), plan_facts
+    return trainer, asdict(run.model_facts), plan_facts
 
 
 def main(argv: list[str]) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cpuft.config.choices import DeviceRequest, DtypeRequest, values
 from cpuft.errors import UserError
+from cpuft.run_dir import RunDir
 
 MODEL_HELP = """\
 --model takes: a cpuft run directory (uses its adapter/), an adapter directory (adapter/ or
@@ -285,7 +286,7 @@ def run_eval(args) -> int:
         raise UserError("--generations must be >= 0 and --batch-size >= 1.")
     settings = _settings(args)
     out_dir = Path(args.out) if args.out else (
-        Path(args.model) / "eval" if is_run_dir(Path(args.model)) else Path("eval-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        RunDir(args.model).eval_dir if is_run_dir(Path(args.model)) else Path("eval-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     )
 
     data = prepare_dataset(
@@ -334,7 +335,7 @@ def run_eval(args) -> int:
 def _run_config(path: Path) -> dict:
     import yaml
 
-    config_file = path / "config.yaml"
+    config_file = RunDir(path).config_file
     if not config_file.is_file():
         return {}
     return yaml.safe_load(config_file.read_text()) or {}

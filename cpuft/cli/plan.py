@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cpuft.cli.sft import add_world_arguments
+from cpuft.cli.world_arguments import add_world_arguments
 from cpuft.config.cli_args import (
     PASS_THROUGH_EPILOG,
     add_config_arguments,
@@ -84,7 +84,6 @@ def run(args) -> int:
         raise UserError(f"--tokens must be at least 1, got {args.tokens}.")
     cli_values = config_values(args)
     config = resolve_config(args.config, cli_values)
-    known_machine_type(config)
     dataset_given = "dataset" in cli_values or (args.config and "dataset" in read_config_file(args.config))
     report = build_report(config, args.method, args.tokens, args.utilization, dataset_given,
                           args.nproc_per_node, args.nnodes)
@@ -100,34 +99,32 @@ def build_report(
     nproc_per_node: str = "1", nnodes: int = 1,
 ) -> dict:
     """Plan, memory and time for `config` (a resolved SFTJobConfig) run by `nproc_per_node`
-    ('auto' or N) x `nnodes` processes; {'text': ..., 'json': ...}."""
+    ('auto' or N) x `nnodes` processes, through the preflight `cpuft sft` runs
+    (cpuft.planning.preflight); {'text': ..., 'json': ...}."""
     from dataclasses import replace
 
     from cpuft.hardware.probe import probe_machine
-    from cpuft.modeling import read_model_config
-    from cpuft.planning.architecture import architecture_facts
-    from cpuft.planning.cloud import planned_epochs, time_for_run
-    from cpuft.planning.fit import plan_job
-    from cpuft.planning.report import format_env_table
+    from cpuft.planning.cloud import declared_machine_type
+    from cpuft.planning.preflight import estimate_time, preflight
     from cpuft.train.distributed import world_from_flags
 
-    machine_type = known_machine_type(config)
+    machine_type = declared_machine_type(config)
     machine = machine_type.as_machine() if machine_type else probe_machine()
     ranks_per_node, nodes = world_from_flags(nproc_per_node, nnodes, machine.numa_nodes)
-    model_config = read_model_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
-    shape = _shape(model_config, config.model)
     if method == "qlora" and config.quant in ("auto", "none"):
         config = replace(config, quant="nf4")
     if method == "full":
         if config.quant not in ("auto", "none"):
             raise UserError("--method full trains every weight and cannot use a quantised base (--quant); use --method qlora.")
         config = replace(config, quant="none")
-    fitted = plan_job(
-        machine, config, shape, training="full" if method == "full" else "adapter",
-        where=machine_type.name if machine_type else None, ranks_per_node=ranks_per_node, nodes=nodes,
-        architecture=architecture_facts(model_config, config.attn_implementation, config.lora_target_modules),
-    )
-    plan, settings, memory = fitted.plan, fitted.settings, fitted.memory
+    checked = preflight(config, machine, ranks_per_node, nodes, training="full" if method == "full" else "adapter",
+                        where=machine_type.name if machine_type else None)
+    if checked.model_shape is None:
+        raise UserError(
+            f"cannot size '{config.model}' from its config; cpuft plan supports architectures transformers"
+            " can build from config.json."
+        )
+    plan, memory = checked.plan, checked.memory_plan
 
     time_estimate, time_note = None, None
     token_count, mean_seq_len = tokens, float(config.max_length)
@@ -140,22 +137,11 @@ def build_report(
             time_note = f"time not estimated: the default dataset is unavailable ({exc}); pass --dataset or --tokens N"
     step_seconds = None
     if token_count is not None:
-        # Each rank trains 1/world of the tokens, in parallel: one rank's share is the run's time.
-        rank_tokens = token_count / plan.world_size
-        epochs = planned_epochs(
-            config.max_steps, plan.effective_batch_size, rank_tokens / mean_seq_len, config.num_train_epochs
-        )
-        time_estimate = time_for_run(
-            shape, settings, memory.trainable_params, round(rank_tokens), epochs, mean_seq_len,
-            machine_type, plan.threads, utilization, datasheet_flops=plan.peak_flops,
-            model_config=model_config, gradient_accumulation_steps=plan.gradient_accumulation_steps,
-            packed=plan.packing, cpu_lm_head=plan.cpu_lm_head, fused_lora=plan.fused_lora,
-            allreduce_seconds_per_step=plan.allreduce.seconds if plan.allreduce else 0.0,
-        )
+        time_estimate = estimate_time(checked, token_count, mean_seq_len, utilization)
         step_seconds = time_estimate.seconds_per_epoch / max(1.0, token_count / mean_seq_len / plan.global_batch_size)
 
     where = machine_type.name if machine_type else "this machine"
-    text = [f"cpuft plan for {config.model} on {where}", "", format_env_table(machine, plan), "", memory.format()]
+    text = [f"cpuft plan for {config.model} on {where}", "", checked.describe()]
     text.append("")
     text.append(time_estimate.format() if time_estimate else time_note)
     if plan.allreduce is not None:
@@ -180,32 +166,6 @@ def build_report(
             "cost_usd_all_nodes": all_nodes,
         },
     }
-
-
-def known_machine_type(config):
-    """The declared machine type `config.machine_type` names (None when unset); UserError naming
-    where it was set when it is not one cpuft knows. `cpuft sft` calls it too, before writing."""
-    from cpuft.planning.cloud import machine_type
-
-    if config.machine_type is None:
-        return None
-    try:
-        return machine_type(config.machine_type)
-    except KeyError as exc:
-        where = config.origins.get("machine_type", "machine_type")
-        raise UserError(f"{where}: {exc.args[0]}; `cpuft plan --list-machine-types` describes them.") from None
-
-
-def _shape(model_config, model: str):
-    from cpuft.planning.memory import model_shape
-
-    try:
-        return model_shape(model_config)
-    except Exception as exc:
-        raise UserError(
-            f"cannot size '{model}' from its config ({type(exc).__name__}: {exc}); cpuft plan supports"
-            " architectures transformers can build from config.json."
-        ) from None
 
 
 def _count_dataset_tokens(config) -> tuple[int, float]:

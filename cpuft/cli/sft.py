@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cpuft.cli.world_arguments import add_world_arguments
 from cpuft.config.cli_args import (
     PASS_THROUGH_EPILOG,
     add_config_arguments,
@@ -14,6 +15,7 @@ from cpuft.config.cli_args import (
 from cpuft.config.job import is_config_key, resolve_config
 from cpuft.config.yaml_file import read_mapping
 from cpuft.errors import EXIT_INTERRUPTED, UserError
+from cpuft.run_dir import RunDir
 
 EPILOG = """\
 Every option is also a YAML key (use underscores): values come from defaults < --config FILE <
@@ -57,21 +59,6 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def add_world_arguments(parser, launch: bool = True) -> None:
-    """--nproc-per-node and --nnodes, for `cpuft sft` and `cpuft plan` alike (checked by
-    cpuft.train.distributed.world_from_flags); with `launch`, torchrun's --node-rank and
-    --rdzv-endpoint too."""
-    group = parser.add_argument_group("more than one process (DDP through torchrun, gloo on CPU)")
-    group.add_argument(
-        "--nproc-per-node", default="1", metavar="auto|N",
-        help="processes on this machine: auto = one per NUMA node when there is more than one (default 1)",
-    )
-    group.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
-    if launch:
-        group.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
-        group.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address for the rendezvous (nnodes > 1)")
-
-
 def run(args) -> int:
     from cpuft.train.distributed import run_rank
 
@@ -82,9 +69,9 @@ def run(args) -> int:
 
 
 def _train(args) -> int:
-    from cpuft.cli.plan import known_machine_type
     from cpuft.hardware.probe import probe_machine
-    from cpuft.train.recipe import SFTRecipe
+    from cpuft.planning.cloud import declared_machine_type
+    from cpuft.train.sft import prepare_run, train_run
 
     cli_values = config_values(args)
     base, origins = None, None
@@ -93,50 +80,47 @@ def _train(args) -> int:
             raise UserError("--resume needs --output-dir: the run directory to continue.")
         run_dir = Path(cli_values["output_dir"])
         sync_to = cli_values.get("sync_to") or (read_mapping(args.config)[0].get("sync_to") if args.config else None)
-        if sync_to and not (run_dir / "config.yaml").is_file():
+        if sync_to and not RunDir(run_dir).config_file.is_file():
             args.resume = _restore_from_store(str(sync_to), run_dir)
         if args.resume:
             base, origins = _saved_config(run_dir)
     config = resolve_config(args.config, cli_values, base=base, origins=origins)
-    known_machine_type(config)
+    declared_machine_type(config)  # an unknown machine_type stops the job before anything is written
 
-    recipe = SFTRecipe(config, probe_machine(), resume=args.resume, show_progress=not args.no_progress)
-    recipe.setup()
-    data = recipe.data
-    recipe.log(
-        f"\ndata: {data.source} ({data.row_format}), {len(data.train)} train / "
-        f"{len(data.eval) if data.eval is not None else 0} eval rows"
-    )
-    recipe.log(f"run directory: {recipe.run_dir}\n", flush=True)
+    run = prepare_run(config, probe_machine(), resume=args.resume)
+    if run.world.is_main:
+        print(f"\n{run.data.describe()}")
+        print(f"run directory: {run.run_dir}\n", flush=True)
     if args.dry_run:
         print("dry run: nothing trained, nothing written.")
         return 0
 
-    result = recipe.train()
+    result = train_run(run, show_progress=not args.no_progress)
     summary = result.summary
-    if not summary:  # a rank other than 0: rank 0 reports for the job
+    if summary is None:  # a rank other than 0: rank 0 reports for the job
         return EXIT_INTERRUPTED if result.status == "interrupted" else 0
     print()
     if result.status == "interrupted":
         print(
-            f"interrupted at step {summary['steps']}: checkpoint saved in {result.run_dir}."
+            f"interrupted at step {summary.steps}: checkpoint saved in {result.run_dir}."
             f" Continue with: cpuft sft --output-dir {result.run_dir} --resume"
             + (f" --sync-to {config.sync_to}" if config.sync_to else "")
         )
         return EXIT_INTERRUPTED
-    loss_line = f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "no loss logged"
-    eval_line = f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else ""
-    mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
+    loss_line = f"loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}" if summary.final_loss is not None else "no loss logged"
+    eval_line = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
+    mfu = f", MFU {summary.mfu:.1%}" if summary.mfu is not None else ""
     print(
-        f"done: {summary['steps']} steps in {summary['train_seconds']:.1f} s, {loss_line}{eval_line},"
-        f" {summary['train_tokens_per_second']:.0f} tokens/s{mfu}, peak RSS {summary['peak_rss_mib']:.0f} MiB"
+        f"done: {summary.steps} steps in {summary.train_seconds:.1f} s, {loss_line}{eval_line},"
+        f" {summary.train_tokens_per_second:.0f} tokens/s{mfu}, peak RSS {summary.peak_rss_mib:.0f} MiB"
     )
-    if summary.get("stopped_early"):
+    evaluation = summary.evaluation
+    if evaluation is not None and evaluation.stopped_early:
         print(f"early stopping: no lower eval loss in {config.early_stopping_patience} evaluation(s) in a row")
-    if summary.get("adapter_is_best_checkpoint"):
-        loss = f" (eval loss {summary['best_eval_loss']:.4f})" if summary.get("best_eval_loss") is not None else ""
-        print(f"best checkpoint: {summary['best_checkpoint']}{loss}; adapter/ holds its weights")
-    print(f"adapter: {summary['adapter_dir']}  (summary: {result.run_dir / 'summary.json'})")
+    if evaluation is not None and evaluation.adapter_is_best_checkpoint:
+        loss = f" (eval loss {evaluation.best_eval_loss:.4f})" if evaluation.best_eval_loss is not None else ""
+        print(f"best checkpoint: {evaluation.best_checkpoint}{loss}; {RunDir.ADAPTER}/ holds its weights")
+    print(f"adapter: {summary.adapter_dir}  (summary: {RunDir(result.run_dir).summary_file})")
     sys.stdout.flush()
     return 0
 
@@ -149,7 +133,7 @@ def _restore_from_store(url: str, run_dir: Path) -> bool:
 
     store = RunStore(url)
     store.check_writable()
-    if not store.has("config.yaml") or not any(c.complete for c in store.checkpoints()):
+    if not store.has(RunDir.CONFIG) or not any(c.complete for c in store.checkpoints()):
         # A run killed before its first checkpoint was stored has nothing to continue from.
         print(f"--resume: neither {run_dir} nor {url} holds a checkpoint; starting fresh.", flush=True)
         return False
@@ -164,9 +148,9 @@ def _saved_config(run_dir: Path) -> tuple[dict, dict]:
     """The saved job (cpuft's keys and the pass-through values) and where each key is in the file.
 
     Keys this version no longer knows are dropped: a run started by an older cpuft resumes."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config_file
     if not path.is_file():
-        raise UserError(f"--resume: {run_dir} is not a cpuft run directory (no config.yaml).")
+        raise UserError(f"--resume: {run_dir} is not a cpuft run directory (no {RunDir.CONFIG}).")
     saved, origins = read_mapping(path)
     known = {str(k): v for k, v in saved.items() if is_config_key(str(k))}
     return known, {k: origins[k] for k in known}

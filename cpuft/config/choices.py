@@ -18,10 +18,8 @@ DatasetFormat = Literal["auto", "lima", "messages", "prompt_completion", "alpaca
 # Which tokens the loss counts on conversational rows (cpuft.data.loss_mask).
 LossOn = Literal["assistant", "all"]
 PeftMethod = Literal["lora", "loha", "lokr", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning"]
-# Prompt-learning methods add virtual tokens instead of adapting weights.
-PROMPT_LEARNING_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 # Where training metrics go besides metrics.jsonl (transformers' reporting integrations that
-# cpuft runs offline-safe: cpuft.config.passthrough checks them, cpuft.train.trainer_args sets
+# cpuft runs offline-safe: cpuft.config.reporting checks them, cpuft.train.trainer_args sets
 # their offline modes).
 ReportIntegration = Literal["tensorboard", "wandb", "mlflow", "trackio", "none"]
 OptimizerName = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]

@@ -21,7 +21,7 @@ import sys
 import typing
 from typing import Any, Literal
 
-from cpuft.config import passthrough
+from cpuft.config import passthrough, peft_config
 from cpuft.config.choices import PeftMethod, values
 from cpuft.config.job import (
     CONFIG_FIELDS,
@@ -31,6 +31,7 @@ from cpuft.config.job import (
     is_config_key,
     nearest_key,
 )
+from cpuft.config.library_fields import short_value
 from cpuft.config.values import metavar
 
 PASS_THROUGH_EPILOG = """\
@@ -75,8 +76,8 @@ def add_library_arguments(parser: argparse.ArgumentParser) -> None:
         return
     parser._cpuft_library_flags = True
     fields = dict(passthrough.sft_fields())
-    for method in passthrough.PEFT_CONFIG_CLASSES:
-        for name, field in passthrough.peft_fields(method).items():
+    for method in peft_config.PEFT_CONFIG_CLASSES:
+        for name, field in peft_config.peft_fields(method).items():
             fields.setdefault(name, field)
     for name, field in fields.items():
         if name not in CONFIG_FIELDS:
@@ -146,15 +147,15 @@ class _PrintPage(argparse.Action):
 def format_trl_help() -> str:
     return _field_page(
         "cpuft sft --help-trl", "TRL SFTConfig's fields, as cpuft config keys (YAML `name: value`, flag --name VALUE).",
-        passthrough.sft_fields(), passthrough.TRL_DEVIATIONS, "TRL",
+        passthrough.sft_fields(), passthrough.trl_deviations(), "TRL",
     )
 
 
 def format_peft_help(method: str = "lora") -> str:
-    cls = passthrough.PEFT_CONFIG_CLASSES[method]
+    cls = peft_config.PEFT_CONFIG_CLASSES[method]
     return _field_page(
         f"cpuft sft --help-peft {method}", f"PEFT's {cls} (peft_method {method}): its fields, as cpuft config keys.",
-        passthrough.peft_fields(method), passthrough.PEFT_DEVIATIONS, "PEFT",
+        peft_config.peft_fields(method), peft_config.PEFT_DEVIATIONS, "PEFT",
     )
 
 
@@ -175,7 +176,7 @@ def _field_page(prog: str, description: str, fields: dict, deviations: dict, lib
             use = "fixed" if deviation.set_by == "(fixed)" else f"use {deviation.set_by}"
             kind, text = "refused", f"{use}; cpuft: {deviation.display()}, {default}; {_sentence(deviation.why)}"
         elif name in CONFIG_FIELDS or (deviation is not None and deviation.set_by == name):
-            shown = deviation.display() if deviation else passthrough.short_value(CONFIG_FIELDS[name].default)
+            shown = deviation.display() if deviation else short_value(CONFIG_FIELDS[name].default)
             why = f"; {_sentence(deviation.why)}" if deviation else "."
             kind, text = "key", f"cpuft: {shown}, {default}{why}"
         elif deviation is not None:
@@ -197,4 +198,4 @@ def _first_sentence(text: str) -> str:
 
 
 def _default(field) -> str:
-    return "required" if field.default is dataclasses.MISSING else passthrough.short_value(field.default)
+    return "required" if field.default is dataclasses.MISSING else short_value(field.default)

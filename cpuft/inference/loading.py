@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cpuft.config.choices import PeftMethod, values
-from cpuft.config.passthrough import PROMPT_LEARNING
+from cpuft.config.peft_config import PROMPT_LEARNING
 from cpuft.dtypes import torch_dtype
 from cpuft.errors import UserError, first_line
+from cpuft.run_dir import RunDir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -94,7 +95,7 @@ class LoadedModel:
 
 
 def is_run_dir(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("config.yaml", "summary.json", "plan.json"))
+    return RunDir(path).looks_like_run()
 
 
 def resolve_source(
@@ -103,7 +104,7 @@ def resolve_source(
     """Work out what `given` is (run dir, adapter dir, model dir or Hub id) and which base it needs."""
     path = Path(given).expanduser()
     if path.is_dir() and is_run_dir(path) and not (path / ADAPTER_CONFIG).is_file():
-        adapter = path / "adapter"
+        adapter = RunDir(path).adapter_dir
         if not (adapter / ADAPTER_CONFIG).is_file():
             raise UserError(_no_adapter_message(path))
         path = adapter
@@ -134,21 +135,15 @@ def _no_adapter_message(run_dir: Path) -> str:
         (p for p in run_dir.glob("checkpoint-*") if (p / ADAPTER_CONFIG).is_file()),
         key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1,
     )
-    status = None
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            status = json.loads(summary.read_text()).get("status")
-        except (json.JSONDecodeError, OSError):
-            pass
+    summary = RunDir(run_dir).read_summary()
     checkpoint_hint = f", or use its last checkpoint's adapter: --model {checkpoints[-1]}" if checkpoints else ""
-    if status == "completed":
+    if summary is not None and summary.status == "completed":
         return (
-            f"run directory {run_dir} has no adapter/ although its summary says the run completed:"
+            f"run directory {run_dir} has no {RunDir.ADAPTER}/ although its summary says the run completed:"
             f" the adapter was moved or deleted. Point --model at the adapter's new place{checkpoint_hint}."
         )
     return (
-        f"run directory {run_dir} has no adapter/: the run did not finish. Continue it with"
+        f"run directory {run_dir} has no {RunDir.ADAPTER}/: the run did not finish. Continue it with"
         f" `cpuft sft --output-dir {run_dir} --resume`{checkpoint_hint}."
     )
 

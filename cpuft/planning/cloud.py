@@ -20,6 +20,7 @@ import io
 from dataclasses import dataclass, field
 from importlib import resources
 
+from cpuft.errors import UserError
 from cpuft.hardware.peaks import cpu_peak_flops, gpu_peak_flops
 from cpuft.hardware.probe import CudaDevice, Machine
 from cpuft.planning.flops import training_flops_per_token
@@ -169,6 +170,18 @@ def machine_type(name: str) -> MachineType:
         raise KeyError(f"unknown machine type {name!r}; known: {', '.join(MACHINE_TYPES)}") from None
 
 
+def declared_machine_type(job) -> MachineType | None:
+    """The declared machine type `job.machine_type` names (None when unset); UserError naming
+    where it was set when cpuft does not know it. Checked before anything is written."""
+    if job.machine_type is None:
+        return None
+    try:
+        return machine_type(job.machine_type)
+    except KeyError as exc:
+        where = job.origins.get("machine_type", "machine_type")
+        raise UserError(f"{where}: {exc.args[0]}; `cpuft plan --list-machine-types` describes them.") from None
+
+
 # ----------------------------------------------------------------------------- time and cost
 
 
@@ -184,7 +197,7 @@ class TimeEstimate:
     usd_per_hour_on_demand: float | None = None
     usd_per_hour_spot: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
-    # From measured step parts (cpuft.hardware.step_cost), None on the FLOP-count path:
+    # From measured step parts (cpuft.planning.step_cost), None on the FLOP-count path:
     step_costs: dict | None = None  # StepCosts.to_dict(): one micro-batch's parts as measured
     parts_seconds: dict[str, float] | None = None  # the whole run's seconds by part
     micro_batches: float | None = None  # over the whole run
@@ -357,7 +370,7 @@ def run_seconds_from_parts(
 ) -> tuple[float, dict[str, float]]:
     """(seconds, seconds by part) for a run of `micro_batches` forward+backward passes and
     `optimizer_steps` optimizer steps, from one micro-batch's measured parts `costs`
-    (cpuft.hardware.step_cost.StepCosts). `length_scale`: planned / measured tokens per row
+    (cpuft.planning.step_cost.StepCosts). `length_scale`: planned / measured tokens per row
     (costs are linear in it at these lengths). `head_tokens`: positions the lm_head scores per
     micro-batch (the labelled ones with the compact CPU head, every one with TRL's). `allreduce_seconds_per_step`: DDP's gradient
     exchange per optimizer step, 0 in one process."""
@@ -373,19 +386,16 @@ def run_seconds_from_parts(
 
 
 def time_for_run(
-    shape, settings, trainable_params: int, tokens: int, epochs: float, mean_seq_len: float,
-    machine: MachineType | None, threads: int, utilization: float | None = None,
-    datasheet_flops: float | None = None, model_config=None, gradient_accumulation_steps: int = 1,
-    packed: bool = False, cpu_lm_head: bool = False, allreduce_seconds_per_step: float = 0.0,
-    fused_lora: bool = False,
+    plan, shape, settings, trainable_params: int, tokens: int, epochs: float, mean_seq_len: float,
+    machine: MachineType | None = None, utilization: float | None = None, model_config=None,
 ) -> TimeEstimate:
-    """Time (and cost on a declared machine type) for one run. `shape` is a memory.ModelShape,
-    `settings` a memory.RunSettings.
+    """Time (and cost on a declared machine type) for one run of `plan` (threads, accumulation,
+    packing, fast paths, DDP all-reduce). `shape` is a memory.ModelShape, `settings` a
+    memory.RunSettings.
 
     On this machine's CPU, with `model_config` (the transformers config) given and no explicit
-    `utilization`, from the step's parts measured at the run's shapes (cpuft.hardware.step_cost);
-    otherwise from the FLOP count at a utilisation of the declared peak or a measured matmul.
-    `allreduce_seconds_per_step`: DDP's all-reduce per optimizer step (0 in one process)."""
+    `utilization`, from the step's parts measured at the run's shapes (cpuft.planning.step_cost);
+    otherwise from the FLOP count at a utilisation of the declared peak or a measured matmul."""
     output_head_matmul = shape.vocab_size * shape.hidden_size  # tied or not, the head is a matmul
     flops_per_token = training_flops_per_token(
         shape.linear_params + output_head_matmul, trainable_params, shape.num_layers, shape.hidden_size,
@@ -400,9 +410,7 @@ def time_for_run(
         why_not = _why_not_measured(shape, settings)
         if why_not is None:
             try:
-                return _measured_time(shape, settings, tokens, epochs, mean_seq_len, threads, model_config,
-                                      flops_per_token, gradient_accumulation_steps, packed, cpu_lm_head,
-                                      allreduce_seconds_per_step, fused_lora)
+                return _measured_time(plan, settings, tokens, epochs, mean_seq_len, model_config, flops_per_token)
             except Exception as exc:  # an architecture the measurement cannot build: plan from FLOPs
                 why_not = f"measuring the step failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         notes.append(f"{why_not}: estimated from the FLOP count at a fixed utilisation, often 3-10x optimistic on CPU")
@@ -410,14 +418,14 @@ def time_for_run(
         peak = machine.peak_for(settings.compute_dtype) or machine.peak_for("fp32")
         source = f"declared peak, {machine.name} {settings.compute_dtype}"
         default_utilization = UTILIZATION_OF_DECLARED_PEAK[device]
-    elif device == "cuda" and datasheet_flops:
-        peak, source = datasheet_flops, "GPU datasheet peak"
+    elif device == "cuda" and plan.peak_flops:
+        peak, source = plan.peak_flops, "GPU datasheet peak"
         default_utilization = UTILIZATION_OF_DECLARED_PEAK["cuda"]
     else:
         from cpuft.hardware.gemm import measure_gemm_flops
 
-        peak = measure_gemm_flops(1024, 1024, 1024, settings.compute_dtype, threads).flops_per_second
-        source = f"measured {settings.compute_dtype} 1024^3 matmul on this machine, {threads} threads"
+        peak = measure_gemm_flops(1024, 1024, 1024, settings.compute_dtype, plan.threads).flops_per_second
+        source = f"measured {settings.compute_dtype} 1024^3 matmul on this machine, {plan.threads} threads"
         default_utilization = UTILIZATION_OF_MEASURED_MATMUL
     return estimate_run_time(
         tokens, epochs, flops_per_token, peak, source, utilization or default_utilization, machine, tuple(notes),
@@ -435,29 +443,24 @@ def _why_not_measured(shape, settings) -> str | None:
     return None
 
 
-def _measured_time(shape, settings, tokens, epochs, mean_seq_len, threads, model_config, flops_per_token,
-                   accumulation, packed, cpu_lm_head, allreduce_seconds_per_step, fused_lora) -> TimeEstimate:
+def _measured_time(plan, settings, tokens, epochs, mean_seq_len, model_config, flops_per_token) -> TimeEstimate:
     import math
 
-    from cpuft.hardware.step_cost import step_costs
+    from cpuft.planning.step_cost import step_costs
 
+    packed, cpu_lm_head = plan.packing, plan.cpu_lm_head
     rows, row_tokens = micro_batch_shape(settings, mean_seq_len, packed)
     measured_len = min(settings.seq_len, SEQ_LEN_BUCKET * math.ceil(row_tokens / SEQ_LEN_BUCKET))
-    target = settings.target_modules
-    costs = step_costs(
-        model_config, rows, measured_len, settings.weights_dtype, settings.compute_dtype, settings.lora_r,
-        settings.lora_dropout, target.split(",") if "," in target else target, settings.attn_implementation,
-        threads, settings.optimizer, cpu_lm_head, fused_lora,
-    )
+    costs = step_costs(model_config, settings, plan, rows, measured_len)
     # Rows the run trains (each micro-batch holds `rows` of them), then micro-batches and steps.
     tokens_per_micro_batch = rows * (row_tokens if packed else mean_seq_len)
     micro_batches = tokens * epochs / max(1.0, tokens_per_micro_batch)
-    optimizer_steps = micro_batches / max(1, accumulation)
+    optimizer_steps = micro_batches / max(1, plan.gradient_accumulation_steps)
     # The compact CPU head scores the trained (non-padding) positions only; TRL's every slot.
     head_tokens = tokens_per_micro_batch if cpu_lm_head else rows * row_tokens
     seconds, parts = run_seconds_from_parts(
         costs, micro_batches, optimizer_steps, settings.gradient_checkpointing, head_tokens,
-        allreduce_seconds_per_step, length_scale=row_tokens / measured_len,
+        plan.allreduce.seconds if plan.allreduce else 0.0, length_scale=row_tokens / measured_len,
     )
     seconds_per_epoch = seconds / epochs if epochs else 0.0
     return TimeEstimate(

@@ -115,8 +115,8 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     torch_compile: bool = False
-    cpu_lm_head: bool = False  # cpuft.train.chunked_loss: lm_head + loss at labelled positions, heap-sized tiles
-    fused_lora: bool = False  # cpuft.train.fused_lora: each LoRA linear's training pass as one autograd node
+    cpu_lm_head: bool = False  # cpuft.fastpaths.chunked_loss: lm_head + loss at labelled positions, heap-sized tiles
+    fused_lora: bool = False  # cpuft.fastpaths.fused_lora: each LoRA linear's training pass as one autograd node
     # The model's own facts (cpuft.planning.architecture); None when the request had none.
     model_class: str | None = None
     task_type: str | None = None
@@ -132,6 +132,19 @@ class Plan:
     def effective_batch_size(self) -> int:
         """Samples per optimizer step on one rank: micro-batch x accumulation."""
         return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def adapter_dtype(self) -> str | None:
+        """The trainable adapter's dtype: fp32 on a CPU, whatever the compute dtype (with fp32
+        compute on AVX2 bf16 would only be slower; under bf16 autocast the matmuls still run in
+        bf16 and the fp32 master copy, a few MB, keeps small updates from rounding away). None on
+        CUDA: the libraries' choice (TRL casts a quantised model's adapter to bf16)."""
+        return "fp32" if self.device == "cpu" else None
+
+    @property
+    def fast_paths(self) -> tuple[str, ...]:
+        """cpuft's eager CPU paths (cpuft.fastpaths) this plan turns on; `reasons` says why each."""
+        return tuple(name for name in CPU_EAGER_PATHS if getattr(self, name))
 
     @property
     def world_size(self) -> int:

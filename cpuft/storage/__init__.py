@@ -13,6 +13,18 @@ from cpuft.storage.lease import JobLease, LeaseKeeper, LeaseLost, LeaseRecord
 from cpuft.storage.store import RestoreReport, RunStore, StoredCheckpoint
 from cpuft.storage.uploader import BackgroundUploader
 
+
+
+def open_writable_store(url: str | None) -> RunStore | None:
+    """The --sync-to store at `url`, checked writable (UserError, exit 2) before a run writes
+    anything; None without a URL."""
+    if not url:
+        return None
+    store = RunStore(url)
+    store.check_writable()
+    return store
+
+
 __all__ = [
     "BackgroundUploader",
     "JobLease",
@@ -22,4 +34,5 @@ __all__ = [
     "RestoreReport",
     "RunStore",
     "StoredCheckpoint",
+    "open_writable_store",
 ]

@@ -43,11 +43,9 @@ from fsspec.implementations.local import LocalFileSystem
 from cpuft.artifacts import atomic_directory
 from cpuft.checkpoints import CHECKPOINT_NAME
 from cpuft.errors import UserError, first_line
+from cpuft.run_dir import RunDir
 from cpuft.storage.manifest import MANIFEST_NAME, Manifest, sha256_of_file
 
-# Plain run files a resumed run needs (summary.json tells the batch runner a run had finished).
-RUN_FILES = ("config.yaml", "plan.json", "metrics.jsonl", "summary.json")
-ADAPTER_DIR = "adapter"
 _TEMP_MARK = ".cpuft-tmp-"
 
 
@@ -253,30 +251,30 @@ class RunStore:
         leaves a directory that is restored again rather than resumed. Everything is downloaded
         under a temporary name and renamed into place.
         """
-        run_dir = Path(run_dir)
-        if (run_dir / "config.yaml").exists():
-            raise UserError(f"{run_dir} already holds a run (config.yaml); restore fills only an empty run directory.")
+        run = RunDir(run_dir)
+        if run.config_file.exists():
+            raise UserError(f"{run} already holds a run ({RunDir.CONFIG}); restore fills only an empty run directory.")
         try:
             self.fs.invalidate_cache()  # listings cached by an earlier call may predate other writers
-            if not self.has("config.yaml"):
-                raise UserError(f"--sync-to {self.url} holds no cpuft run (no config.yaml); nothing to resume.")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _remove_partial_downloads(run_dir)
+            if not self.has(RunDir.CONFIG):
+                raise UserError(f"--sync-to {self.url} holds no cpuft run (no {RunDir.CONFIG}); nothing to resume.")
+            run.path.mkdir(parents=True, exist_ok=True)
+            _remove_partial_downloads(run.path)
             report = RestoreReport(checkpoint=None)
             for checkpoint in self.checkpoints():
                 problem = checkpoint.problem
                 if problem is None:
-                    problem = self._download_directory(checkpoint.name, run_dir / checkpoint.name)
+                    problem = self._download_directory(checkpoint.name, run.path / checkpoint.name)
                 if problem is None:
                     report.checkpoint = checkpoint.name
                     break
                 report.skipped.append(StoredCheckpoint(checkpoint.name, checkpoint.step, problem))
                 warn(f"skipping {checkpoint.name} in {self.url}: {problem}; trying an older checkpoint.")
-            if self.has(f"{ADAPTER_DIR}/{MANIFEST_NAME}") and self.directory_problem(ADAPTER_DIR) is None:
-                report.adapter = self._download_directory(ADAPTER_DIR, run_dir / ADAPTER_DIR) is None
-            for name in sorted(RUN_FILES, key=lambda n: n == "config.yaml"):
+            if self.has(f"{RunDir.ADAPTER}/{MANIFEST_NAME}") and self.directory_problem(RunDir.ADAPTER) is None:
+                report.adapter = self._download_directory(RunDir.ADAPTER, run.adapter_dir) is None
+            for name in sorted(RunDir.RUN_FILES, key=lambda n: n == RunDir.CONFIG):
                 if self.has(name):
-                    self._download_file(name, run_dir / name)
+                    self._download_file(name, run.path / name)
                     report.files.append(name)
         except UserError:
             raise

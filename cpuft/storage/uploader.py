@@ -51,6 +51,15 @@ class _Upload:
 class BackgroundUploader:
     """Uploads a run's files to `store` from one background thread; see the module docstring."""
 
+    @classmethod
+    def for_run(cls, store: RunStore, run_dir, keep_checkpoints: int) -> BackgroundUploader:
+        """The uploader of a run starting in `run_dir` (a cpuft.run_dir.RunDir), its header
+        (config.yaml, plan.json) queued first."""
+        uploader = cls(store, keep_checkpoints=keep_checkpoints)
+        for path in (run_dir.config_file, run_dir.plan_file):
+            uploader.upload_file(path)
+        return uploader
+
     def __init__(
         self,
         store: RunStore,

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from cpuft.artifacts import append_jsonl
+from cpuft.run_dir import RunDir
 from cpuft.storage.uploader import BackgroundUploader
 from cpuft.train.distributed import any_rank
 
@@ -169,13 +170,13 @@ class SyncToStore(TrainerCallback):
 
     def __init__(self, uploader: BackgroundUploader, run_dir: Path):
         self.uploader = uploader
-        self.run_dir = run_dir
+        self.run = RunDir(run_dir)
 
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = self.run_dir / f"checkpoint-{state.global_step}"
+        checkpoint = self.run.checkpoint_dir(state.global_step)
         if checkpoint.is_dir():
             self.uploader.upload_checkpoint(checkpoint)
-        self.uploader.upload_file(self.run_dir / "metrics.jsonl")
+        self.uploader.upload_file(self.run.metrics_file)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self.uploader.upload_file(self.run_dir / "metrics.jsonl")
+        self.uploader.upload_file(self.run.metrics_file)

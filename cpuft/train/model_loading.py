@@ -104,15 +104,16 @@ def prepare_quantized_for_training(model, plan):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
 
 
-def keep_cpu_adapter_in_fp32(trainer, plan) -> None:
-    """Undo TRL's bf16 cast of a quantised model's adapter when the run is on a CPU.
-
-    On a CPU keep the adapter, its gradients and AdamW state in fp32: with fp32 compute (AVX2,
-    where bf16 is emulated) bf16 would only be slower; with bf16 compute autocast still runs its
-    matmuls in bf16, and the fp32 master copy (a few MB) keeps small updates from rounding away.
-    """
-    if plan.quantization == "none" or plan.device != "cpu":
+def keep_adapter_dtype(trainer, plan) -> None:
+    """Keep the trainable adapter in the plan's adapter dtype (cpuft.planning.plan.Plan.adapter_dtype:
+    fp32 on a CPU), undoing TRL's bf16 cast of a quantised model's adapter. An unquantised base's
+    adapter PEFT already creates in fp32 (its autocast_adapter_dtype), and its other trainable
+    tensors (modules_to_save copies) stay in the base's dtype, so those are left alone."""
+    if plan.quantization == "none" or plan.adapter_dtype is None:
         return
+    from cpuft.dtypes import torch_dtype
+
+    dtype = torch_dtype(plan.adapter_dtype)
     for param in trainer.model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)

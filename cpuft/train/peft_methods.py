@@ -2,7 +2,7 @@
 
 Which cpuft keys set which PEFT fields, cpuft's deviations from PEFT's defaults and the
 pass-through fields (`use_dora`, `use_rslora`, `modules_to_save`, ...) are
-cpuft.config.passthrough's (`cpuft sft --help-peft METHOD` lists them). In short:
+cpuft.config.peft_config's (`cpuft sft --help-peft METHOD` lists them). In short:
 - lora      lora_r, lora_alpha, lora_dropout, lora_target_modules (LoraConfig)
 - loha      lora_r, lora_alpha, lora_target_modules (LoHaConfig: Hadamard product of two low-rank pairs)
 - lokr      lora_r, lora_alpha, lora_target_modules (LoKrConfig: Kronecker product)
@@ -31,11 +31,8 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from cpuft.config.choices import PeftMethod, values
-from cpuft.config.passthrough import (
-    build_library_config,
-    peft_config_class,
-    peft_config_kwargs,
-)
+from cpuft.config.library_fields import build_library_config
+from cpuft.config.peft_config import peft_config_class, peft_config_kwargs, peft_fields
 from cpuft.errors import UserError
 
 PEFT_METHODS = values(PeftMethod)
@@ -66,8 +63,6 @@ def build_peft_config(
 
 def check_can_train_new_tokens(config) -> None:
     """UserError unless `config.peft_method` can train the embedding rows of added tokens."""
-    from cpuft.config.passthrough import peft_fields
-
     method = config.peft_method
     if "trainable_token_indices" not in peft_fields(method):
         raise UserError(

@@ -2,16 +2,17 @@
 model with `TaskType.SEQ_2_SEQ_LM`, as PEFT's own seq2seq example trains it.
 
 TRL's SFTTrainer is for causal LMs; for a model whose plan says task_type SEQ_2_SEQ_LM
-(cpuft.planning.architecture) the recipe (cpuft.train.recipe) calls this module instead:
-- `prepare_seq2seq` (in setup, before anything is written): refuses what a seq2seq run cannot
-  take (plain text rows, packing, SFTConfig-only pass-through keys), loads the tokenizer (no chat
-  template needed: cpuft.data.seq2seq gives it the plain-text prompt template, saved with the
-  adapter), tokenises every row into a prompt/target pair (labels = target + EOS) and prints the
-  time estimate;
-- `build_seq2seq_trainer`: `peft.get_peft_model`, `DataCollatorForSeq2Seq` (pads labels with
-  -100, builds decoder_input_ids from the labels), Seq2SeqTrainingArguments from the same plan
-  facts as SFTConfig (cpuft.train.trainer_args), rows in cpuft's length-grouped order, and the
-  recipe's callbacks. Artefacts, checkpoints and --resume are the recipe's, as for causal LMs.
+(cpuft.planning.architecture) the SFT recipe (cpuft.train.sft) takes this variant of two stages:
+- data preparation: `check_seq2seq_job` refuses what a seq2seq run cannot take (plain text rows,
+  packing, SFTConfig-only pass-through keys) before anything loads; `load_seq2seq_tokenizer`
+  (no chat template needed: cpuft.data.seq2seq gives it the plain-text prompt template, saved
+  with the adapter); `tokenize_for_seq2seq` tokenises every row into a prompt/target pair
+  (labels = target + EOS) -> a TrainingSet;
+- trainer assembly: `assemble_seq2seq_trainer`: `peft.get_peft_model`, `DataCollatorForSeq2Seq`
+  (pads labels with -100, builds decoder_input_ids from the labels), Seq2SeqTrainingArguments
+  from the same plan facts as SFTConfig (cpuft.train.trainer_args), rows in cpuft's
+  length-grouped order, the recipe's callbacks and the plan's patches (cpuft.train.assembly).
+  Artefacts, checkpoints and --resume are the recipe's, as for causal LMs.
 
 The loss is on the target tokens only (the decoder writes nothing else); loss_on does not apply.
 Tokens counted for tokens/s (`num_tokens`, as TRL logs it) are the prompt's non-padding tokens
@@ -31,35 +32,38 @@ from cpuft.data.seq2seq import (
     tokenize_pairs,
     use_seq2seq_template,
 )
+from cpuft.data.training_set import TrainingSet
 from cpuft.errors import UserError
 from cpuft.train.trainer_args import build_seq2seq_args, seq2seq_refusal
 
 
-def prepare_seq2seq(preflight, config, data: PreparedData, log=print):
-    """(tokenizer, tokenised PreparedData, time estimate) for an encoder-decoder job; UserError
-    for what it cannot train, before anything is written."""
-    from datasets import Dataset
-
-    from cpuft.train.preflight import estimate_time
-
-    refusal = seq2seq_refusal(config)
+def check_seq2seq_job(job, rows: PreparedData, model_type: str) -> None:
+    """UserError for what an encoder-decoder run cannot take, before anything is loaded or written."""
+    refusal = seq2seq_refusal(job)
     if refusal:
         raise UserError(refusal)
-    if config.packing:
+    if job.packing:
         raise UserError(
-            f"{config.origins.get('packing', 'packing')}: packing is for decoder-only models; an"
-            f" encoder-decoder ({preflight.model_config.model_type}) trains on padded prompt/target"
+            f"{job.origins.get('packing', 'packing')}: packing is for decoder-only models; an"
+            f" encoder-decoder ({model_type}) trains on padded prompt/target"
             " pairs. Turn packing off."
         )
-    check_pairs(data.row_format, data.source)
-    tokenizer = load_seq2seq_tokenizer(config, log)
-    time_estimate = estimate_time(preflight, config, data.train, tokenizer, log)
-    tokenised = PreparedData(
-        train=Dataset.from_list(tokenize_pairs(data.train, tokenizer, config.max_length)),
-        eval=Dataset.from_list(tokenize_pairs(data.eval, tokenizer, config.max_length)) if data.eval is not None else None,
-        row_format=data.row_format, source=data.source, num_rows=data.num_rows,
+    check_pairs(rows.row_format, rows.source)
+
+
+def tokenize_for_seq2seq(rows: PreparedData, tokenizer, max_length: int) -> TrainingSet:
+    """Every row as a prompt/target pair (labels = target + EOS), train and eval."""
+    from datasets import Dataset
+
+    from cpuft.planning.cloud import tokens_per_epoch
+
+    tokens, per_row = tokens_per_epoch(rows.train, tokenizer, max_length)
+    return TrainingSet(
+        train=Dataset.from_list(tokenize_pairs(rows.train, tokenizer, max_length)),
+        eval=Dataset.from_list(tokenize_pairs(rows.eval, tokenizer, max_length)) if rows.eval is not None else None,
+        source=rows.source, row_format=rows.row_format, num_rows=rows.num_rows,
+        tokens_per_epoch=tokens, mean_tokens_per_row=per_row,
     )
-    return tokenizer, tokenised, time_estimate
 
 
 def load_seq2seq_tokenizer(config, log=print):
@@ -76,26 +80,31 @@ def load_seq2seq_tokenizer(config, log=print):
     return tokenizer
 
 
-def build_seq2seq_trainer(model, peft_config, config, plan, run_dir, data: PreparedData, tokenizer, callbacks):
-    """The Seq2SeqTrainer for this job: `model` (the loaded base) wrapped by PEFT with `peft_config`."""
+def assemble_seq2seq_trainer(job, plan, data: TrainingSet, tokenizer, model, run_dir, callbacks):
+    """The Seq2SeqTrainer for this run: `model` (the loaded base) wrapped by PEFT with the job's
+    adapter config (cpuft.train.assembly), patched as the plan says."""
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq
 
     from cpuft.data.packing import length_grouped_order
+    from cpuft.train.assembly import adapter_config, apply_plan_patches
 
-    args = build_seq2seq_args(config, plan, run_dir)
+    peft_config = adapter_config(job, plan, data, model)
+    args = build_seq2seq_args(job, plan, run_dir)
     if plan.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
     peft_model = get_peft_model(model, peft_config)
     train = data.train
     if plan.length_grouping:
         lengths = [len(row["input_ids"]) + len(row["labels"]) for row in train]
-        train = train.select(length_grouped_order(lengths, plan.per_device_batch_size, config.seed))
+        train = train.select(length_grouped_order(lengths, plan.per_device_batch_size, job.seed))
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=LABEL_PAD_ID)
-    return _trainer_class()(
+    trainer = _trainer_class()(
         model=peft_model, args=args, data_collator=collator, train_dataset=train, eval_dataset=data.eval,
         processing_class=tokenizer, callbacks=callbacks,
     )
+    apply_plan_patches(trainer, plan, data)
+    return trainer
 
 
 def _trainer_class():

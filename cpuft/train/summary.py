@@ -1,7 +1,8 @@
-"""summary.json: what a training run did, and how much of the machine it used (MFU).
+"""Measuring what a training run did, and how much of the machine it used (MFU), for summary.json.
 
 Owns: the base model's facts that FLOP counting needs (taken before PEFT adds its layers), the
-useful FLOPs per trained token, and the summary record `cpuft sft` writes and prints.
+useful FLOPs per trained token, and measuring the figures of the Summary (cpuft.summary, the file
+format) `cpuft sft` writes and prints.
 
 MFU counts useful work only: the forward, backward and adapter-gradient matmuls and attention
 (cpuft.planning.flops), not gradient checkpointing's recompute, against the plan's peak FLOP/s.
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpuft.checkpoints import checkpoint_step
+from cpuft.run_dir import RunDir
+from cpuft.summary import DefaultChatTemplateRecord, EvaluationRecord, LossMaskRecord, Summary
 
 
 @dataclass(frozen=True)
@@ -52,25 +55,26 @@ def useful_flops_per_token(facts: ModelFacts, trainable_params: int, mean_seq_le
     )
 
 
-def evaluation_summary(config, trainer_state, interrupted: bool) -> dict:
+def evaluation_summary(config, trainer_state, interrupted: bool) -> EvaluationRecord | None:
     """What evaluation during training (eval_steps) found: the best checkpoint (lowest eval_loss)
-    and its loss, whether adapter/ holds it, and whether early stopping ended the run."""
+    and its loss, whether adapter/ holds it, and whether early stopping ended the run. None
+    without eval_steps."""
     from cpuft.config.passthrough import loads_best_checkpoint
 
     if config.eval_steps is None:
-        return {}
+        return None
     best = trainer_state.best_model_checkpoint
     loads_best = loads_best_checkpoint(config)
-    return {
-        "eval_steps": config.eval_steps,
-        "evaluations": len(logged_eval_losses(trainer_state)),
-        "best_checkpoint": best,
-        "best_eval_loss": logged_eval_losses(trainer_state).get(checkpoint_step(Path(best).name)) if best else None,
-        "adapter_is_best_checkpoint": bool(loads_best and best and not interrupted),
+    return EvaluationRecord(
+        eval_steps=config.eval_steps,
+        evaluations=len(logged_eval_losses(trainer_state)),
+        best_checkpoint=best,
+        best_eval_loss=logged_eval_losses(trainer_state).get(checkpoint_step(Path(best).name)) if best else None,
+        adapter_is_best_checkpoint=bool(loads_best and best and not interrupted),
         # Before max_steps without a stop signal: only the EarlyStoppingCallback ends a run so.
-        "stopped_early": bool(config.early_stopping_patience is not None and not interrupted
-                              and trainer_state.global_step < trainer_state.max_steps),
-    }
+        stopped_early=bool(config.early_stopping_patience is not None and not interrupted
+                           and trainer_state.global_step < trainer_state.max_steps),
+    )
 
 
 def logged_eval_losses(trainer_state) -> dict[int, float]:
@@ -90,31 +94,30 @@ def measured_eval_loss(trainer_state, loads_best: bool) -> float | None:
 
 
 def loss_counted(loss_on: str, task_type: str | None, loss_masks: dict, has_eval: bool) -> dict:
-    """summary.json's record of which tokens the train (and eval) loss counted, and how many."""
+    """Which tokens the train (and eval) loss counted, and how many: the Summary's loss_counted,
+    loss_mask, eval_loss_counted and eval_loss_mask fields."""
     if task_type == "SEQ_2_SEQ_LM":
         counted = "target tokens"  # the decoder writes only the target (cpuft.train.seq2seq)
     elif "train" not in loss_masks:
         counted = "all tokens (plain text rows)"
     else:
         counted = "assistant tokens" if loss_on == "assistant" else "all tokens"
-    record = {
+    return {
         "loss_counted": counted,
-        "loss_mask": loss_masks["train"].to_dict() if "train" in loss_masks else None,
+        "loss_mask": LossMaskRecord.from_dict(loss_masks["train"].to_dict()) if "train" in loss_masks else None,
         # trainer.evaluate() scores the held-out rows tokenised and masked like the training rows
         "eval_loss_counted": counted if has_eval else None,
+        "eval_loss_mask": LossMaskRecord.from_dict(loss_masks["eval"].to_dict()) if "eval" in loss_masks else None,
     }
-    if "eval" in loss_masks:
-        record["eval_loss_mask"] = loss_masks["eval"].to_dict()
-    return record
 
 
 def run_summary(
     *, interrupted: bool, run_dir: Path, config, data, plan, trainer_state, metrics, logged: list[dict],
     eval_loss: float | None, wall_seconds: float, model_facts: ModelFacts, trainable_params: int,
     memory_plan=None, time_estimate=None, loss_masks: dict | None = None, default_template=None,
-) -> dict:
-    """The summary.json record. `metrics` is the run's MetricsCallback, `logged` every record of
-    metrics.jsonl (earlier processes of a resumed run included); `loss_masks` the train/eval
+) -> Summary:
+    """The run's Summary (summary.json). `metrics` is the run's MetricsCallback, `logged` every
+    record of metrics.jsonl (earlier processes of a resumed run included); `loss_masks` the train/eval
     cpuft.data.loss_mask.LossMaskCounts of conversational rows, `default_template` the
     cpuft.data.chat_template.DefaultTemplate a tokenizer without a template got."""
     from cpuft.hardware.usage import peak_rss_bytes
@@ -126,56 +129,56 @@ def run_summary(
     flops_per_token = useful_flops_per_token(model_facts, trainable_params, tokens / samples)
     seconds = metrics.train_seconds or 1e-9
     achieved = flops_per_token * tokens / seconds
-    summary = {
-        "status": "interrupted" if interrupted else "completed",
-        "run_dir": str(run_dir),
-        "model": config.model,
-        "dataset": config.dataset,
-        "dataset_format": data.row_format,
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval) if data.eval is not None else 0,
-        "device": plan.device,
-        "dtype": plan.compute_dtype,
-        "quantization": plan.quantization,
-        "threads": plan.threads,
-        "steps": trainer_state.global_step,
-        "max_steps": trainer_state.max_steps,
-        "steps_this_run": steps_this_run,
-        "first_loss": losses[0][1] if losses else None,
-        "final_loss": losses[-1][1] if losses else None,
-        "eval_loss": eval_loss,
-        "wall_seconds": round(wall_seconds, 2),
-        "train_seconds": round(metrics.train_seconds, 2),
-        "train_tokens": tokens,
-        "train_tokens_per_second": round(tokens / seconds, 1),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
-        "total_params": model_facts.total_params,
-        "trainable_params": trainable_params,
-        "flops_per_token": flops_per_token,
-        "achieved_flops_per_second": achieved,
-        "peak_flops_per_second": plan.peak_flops,
-        "mfu": achieved / plan.peak_flops if plan.peak_flops else None,
-        "adapter_dir": None if interrupted else str(run_dir / "adapter"),
-        "revision": config.revision,
-        "dataset_revision": config.dataset_revision,
-        "trust_remote_code": config.trust_remote_code,
-        **evaluation_summary(config, trainer_state, interrupted),
+    peak_rss = peak_rss_bytes()
+    return Summary(
+        status="interrupted" if interrupted else "completed",
+        run_dir=str(run_dir),
+        model=config.model,
+        dataset=config.dataset,
+        dataset_format=data.row_format,
+        train_rows=len(data.train),
+        eval_rows=len(data.eval) if data.eval is not None else 0,
+        device=plan.device,
+        dtype=plan.compute_dtype,
+        quantization=plan.quantization,
+        threads=plan.threads,
+        steps=trainer_state.global_step,
+        max_steps=trainer_state.max_steps,
+        steps_this_run=steps_this_run,
+        first_loss=losses[0][1] if losses else None,
+        final_loss=losses[-1][1] if losses else None,
+        eval_loss=eval_loss,
+        wall_seconds=round(wall_seconds, 2),
+        train_seconds=round(metrics.train_seconds, 2),
+        train_tokens=tokens,
+        train_tokens_per_second=round(tokens / seconds, 1),
+        peak_rss_bytes=peak_rss,
+        peak_rss_mib=round(peak_rss / 2**20, 1),
+        total_params=model_facts.total_params,
+        trainable_params=trainable_params,
+        flops_per_token=flops_per_token,
+        achieved_flops_per_second=achieved,
+        peak_flops_per_second=plan.peak_flops,
+        mfu=achieved / plan.peak_flops if plan.peak_flops else None,
+        adapter_dir=None if interrupted else str(RunDir(run_dir).adapter_dir),
+        revision=config.revision,
+        dataset_revision=config.dataset_revision,
+        trust_remote_code=config.trust_remote_code,
+        evaluation=evaluation_summary(config, trainer_state, interrupted),
         **loss_counted(config.loss_on, plan.task_type, loss_masks or {}, data.eval is not None),
-    }
-    if default_template is not None:
-        summary["default_chat_template"] = {
-            "added_tokens": list(default_template.added_tokens),
-            "trained_token_ids": list(default_template.token_ids),
-            "eos_token": default_template.eos_token,
-        }
-    if memory_plan is not None:
+        default_chat_template=DefaultChatTemplateRecord(
+            added_tokens=tuple(default_template.added_tokens),
+            trained_token_ids=tuple(default_template.token_ids),
+            eos_token=default_template.eos_token,
+        ) if default_template is not None else None,
         # Predicted next to measured, so users can see how far to trust `cpuft plan`.
-        summary["planned_memory_bytes"] = memory_plan.total_bytes
-    if time_estimate is not None:
-        summary["planned_train_seconds"] = round(time_estimate.total_seconds, 3)
-    if plan.device == "cuda":
-        import torch
+        planned_memory_bytes=memory_plan.total_bytes if memory_plan is not None else None,
+        planned_train_seconds=round(time_estimate.total_seconds, 3) if time_estimate is not None else None,
+        peak_gpu_memory_bytes=_peak_gpu_memory_bytes() if plan.device == "cuda" else None,
+    )
 
-        summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
-    return summary
+
+def _peak_gpu_memory_bytes() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated()

@@ -2,9 +2,10 @@
 or transformers' `Seq2SeqTrainingArguments` (encoder-decoders: cpuft.train.seq2seq).
 
 TRL's defaults assume a GPU (bf16 on, activation checkpointing on); here every hardware choice
-comes from the Plan, which says why it made it. The job's own values, cpuft's deviations from
-TRL's defaults and the pass-through fields come from cpuft.config.passthrough (`--help-trl` lists
-them); `plan_training_kwargs` adds what the plan and the run directory decide, the same for both
+comes from the Plan, which says why it made it. The job's own values and the pass-through fields
+come from cpuft.config.passthrough, cpuft's deviations from TRL's defaults are the defaults of
+cpuft.config.trl_config's `CpuftSFTConfig` (the class built here; `--help-trl` lists them);
+`plan_training_kwargs` adds what the plan and the run directory decide, the same for both
 argument classes. The one place a job becomes SFTConfig or Seq2SeqTrainingArguments.
 
 Seq2SeqTrainingArguments lacks SFTConfig's data fields (max_length, packing, dataset_text_field,
@@ -17,13 +18,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cpuft.config.passthrough import (
-    build_library_config,
-    fields_of,
-    sft_config_class,
-    sft_config_kwargs,
-)
+from cpuft.config.library_fields import build_library_config, fields_of
+from cpuft.config.passthrough import sft_config_class, sft_config_kwargs
 from cpuft.errors import UserError
+from cpuft.run_dir import RunDir
 
 
 def plan_training_kwargs(config, plan, run_dir: Path) -> dict:
@@ -33,7 +31,7 @@ def plan_training_kwargs(config, plan, run_dir: Path) -> dict:
 
     optimizer = default_optimizer(plan.device, plan.quantization) if config.optimizer == "auto" else config.optimizer
     # TensorBoard's writer reads its directory from the environment in transformers 5.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(RunDir(run_dir).tensorboard_dir)
     set_reporting_environment(config.report_to, run_dir)
     return dict(
         output_dir=str(run_dir),
@@ -58,7 +56,8 @@ def plan_training_kwargs(config, plan, run_dir: Path) -> dict:
 
 
 def build_sft_config(config, plan, run_dir: Path):
-    """SFTConfig for `config` (a cpuft.config.job.SFTJobConfig) run under `plan` into `run_dir`."""
+    """CpuftSFTConfig (TRL's SFTConfig with cpuft's defaults) for `config` (a
+    cpuft.config.job.SFTJobConfig) run under `plan` into `run_dir`."""
     kwargs, source = sft_config_kwargs(config)
     kwargs.update(plan_training_kwargs(config, plan, run_dir))
     kwargs.update(packing=plan.packing)  # TRL's "bfd": whole samples per row, padding-free batches
@@ -82,13 +81,17 @@ def seq2seq_refusal(config) -> str | None:
 
 def build_seq2seq_args(config, plan, run_dir: Path):
     """Seq2SeqTrainingArguments for an encoder-decoder `config` run under `plan` into `run_dir`:
-    the same job values and plan fields as build_sft_config, SFTConfig-only fields left out."""
+    the same job values, cpuft's defaults (CpuftSFTConfig's) and plan fields as
+    build_sft_config, SFTConfig-only fields left out."""
     from transformers import Seq2SeqTrainingArguments
+
+    from cpuft.config.trl_config import cpuft_default_values
 
     refusal = seq2seq_refusal(config)
     if refusal:  # cpuft.train.seq2seq checks this in setup, before anything is written
         raise UserError(refusal)
     kwargs, source = sft_config_kwargs(config)
+    kwargs = {**cpuft_default_values(), **kwargs}
     fields = fields_of(Seq2SeqTrainingArguments)
     kwargs = {name: value for name, value in kwargs.items() if name in fields}
     kwargs.update(plan_training_kwargs(config, plan, run_dir))
@@ -103,10 +106,10 @@ def reporting_environment(report_to, run_dir: Path, environ, offline: bool, reac
     only when a variable is unset). What the user set stays as set. wandb runs offline into the run directory
     (`wandb sync` uploads it later); mlflow without MLFLOW_TRACKING_URI writes a file store in the
     run directory, as it would in the working directory; trackio logs to its local database unless
-    a Space is named (cpuft.config.passthrough refuses a Space offline); tensorboard is local.
+    a Space is named (cpuft.config.reporting refuses a Space offline); tensorboard is local.
     Each integration's callback reports from rank 0 only.
     """
-    from cpuft.config.passthrough import report_integration_names
+    from cpuft.config.reporting import report_integration_names
 
     names = report_integration_names(report_to)
     env: dict[str, str] = {}

@@ -5,14 +5,14 @@ fixed utilisation was 3-10x optimistic, because most of a CPU step is not in the
 (docs/speed.md, "Where the step's time goes"). Measured here, in this process, a few seconds:
 
 - one decoder layer's forward and backward: the model's own config class with 2 layers and
-  random weights, LoRA on the planned target modules (cpuft.train.fused_lora when the plan fuses
+  random weights, LoRA on the planned target modules (cpuft.fastpaths.fused_lora when the plan fuses
   it), in the planned weights/compute dtype, at the planned micro-batch rows x sequence length
   (fewer rows when that would take long: cost is linear in rows at a fixed length). The layer's share is the 2-layer time minus the 1-layer
   time, so the frozen-weight GEMMs, LoRA's matmuls, attention and the elementwise work are
   measured together, as the step runs them;
 - lm_head + loss: TRL's chunked log-prob kernel (what SFTTrainer's loss runs) on one vocabulary
   slice of 32768 columns and HEAD_TOKENS tokens, in the tiles the run will use (TRL's own, or
-  cpuft's compact CPU head: cpuft.train.chunked_loss), scaled to the full vocabulary, per token;
+  cpuft's compact CPU head: cpuft.fastpaths.chunked_loss), scaled to the full vocabulary, per token;
 - the rest of a micro-batch (embedding, final norm, the autograd and Trainer bookkeeping): the
   1-layer time minus one layer and its small head;
 - one AdamW step over LoRA tensors of the run's shapes and count.
@@ -65,7 +65,7 @@ class StepCosts:
     source: str
 
     cpu_lm_head: bool = False  # the head was timed as cpuft's compact CPU head
-    fused_lora: bool = False  # the layers were timed with cpuft.train.fused_lora
+    fused_lora: bool = False  # the layers were timed with cpuft.fastpaths.fused_lora
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,20 +75,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CPUFT_CACHE_DIR") or Path.home() / ".cache" / "cpuft") / "step-costs"
 
 
-def step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, compute_dtype: str,
-               lora_r: int, lora_dropout: float, target_modules: str, attn_implementation: str,
-               threads: int, optimizer: str = "adamw_torch", cpu_lm_head: bool = False,
-               fused_lora: bool = False) -> StepCosts:
-    """The cached measurement for this run's shapes, or a fresh one (a few seconds)."""
+def step_costs(model_config, settings, plan, rows: int, seq_len: int) -> StepCosts:
+    """The cached measurement of a micro-batch of `rows` x `seq_len` for the run `settings`
+    (cpuft.planning.memory.RunSettings: dtypes, adapter, attention, optimizer) under `plan`
+    (threads, adapter dtype, the fast paths it turns on), or a fresh one (a few seconds)."""
     import torch
 
     from cpuft.artifacts import atomic_write_json
 
     key = {
         "version": CACHE_VERSION, "config": model_config.to_dict(), "rows": rows, "seq_len": seq_len,
-        "weights_dtype": weights_dtype, "compute_dtype": compute_dtype, "lora_r": lora_r,
-        "lora_dropout": lora_dropout, "target_modules": target_modules, "attn": attn_implementation,
-        "threads": threads, "optimizer": optimizer, "cpu_lm_head": cpu_lm_head, "fused_lora": fused_lora,
+        "weights_dtype": settings.weights_dtype, "compute_dtype": settings.compute_dtype, "lora_r": settings.lora_r,
+        "lora_dropout": settings.lora_dropout, "target_modules": _target_modules(settings),
+        "attn": settings.attn_implementation, "threads": plan.threads, "optimizer": settings.optimizer,
+        "cpu_lm_head": plan.cpu_lm_head, "fused_lora": plan.fused_lora, "adapter_dtype": plan.adapter_dtype,
         "torch": torch.__version__,
         "cpu": torch.cpu.get_capabilities().get("cpu_name", "") if hasattr(torch.cpu, "get_capabilities") else "",
     }
@@ -99,8 +99,7 @@ def step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, comput
             return StepCosts(**json.loads(path.read_text())["costs"])
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable or older entry: measure again and overwrite it
-    costs = measure_step_costs(model_config, rows, seq_len, weights_dtype, compute_dtype, lora_r, lora_dropout,
-                               target_modules, attn_implementation, threads, optimizer, cpu_lm_head, fused_lora)
+    costs = measure_step_costs(model_config, settings, plan, rows, seq_len)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"key": key, "costs": costs.to_dict()})
@@ -109,20 +108,18 @@ def step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, comput
     return costs
 
 
-def measure_step_costs(model_config, rows: int, seq_len: int, weights_dtype: str, compute_dtype: str,
-                       lora_r: int, lora_dropout: float, target_modules: str, attn_implementation: str,
-                       threads: int, optimizer: str = "adamw_torch", cpu_lm_head: bool = False,
-                       fused_lora: bool = False) -> StepCosts:
-    """Time the parts of one micro-batch (see the module docstring); restores the thread count."""
+def measure_step_costs(model_config, settings, plan, rows: int, seq_len: int) -> StepCosts:
+    """Time the parts of one micro-batch (see the module docstring and `step_costs`); restores
+    the thread count."""
     import torch
 
+    weights_dtype, compute_dtype, threads = settings.weights_dtype, settings.compute_dtype, plan.threads
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
         measured_rows = max(1, min(rows, MEASURE_TOKENS // max(1, seq_len)))
-        model, lora_params = _two_layer_model(model_config, weights_dtype, compute_dtype, lora_r, lora_dropout,
-                                              target_modules, attn_implementation, fused_lora)
+        model, lora_params = _two_layer_model(model_config, settings, plan)
         forward1, backward1, forward2, backward2 = _time_layers(model, measured_rows, seq_len, compute_dtype)
         num_layers = int(model_config.num_hidden_layers)
         scale = rows / measured_rows
@@ -131,8 +128,8 @@ def measure_step_costs(model_config, rows: int, seq_len: int, weights_dtype: str
         small_head = _head_seconds(model_config.hidden_size, min(LAYER_MODEL_VOCAB, model_config.vocab_size),
                                    measured_rows * seq_len, weights_dtype, compute_dtype, HEAD_VOCAB_CHUNK)
         other = max(0.0, forward1 + backward1 - (forward2 - forward1) - (backward2 - backward1) - small_head) * scale
-        head = _head_seconds_per_token(model_config, weights_dtype, compute_dtype, cpu_lm_head)
-        optimizer_seconds = _optimizer_seconds(lora_params, num_layers, optimizer)
+        head = _head_seconds_per_token(model_config, weights_dtype, compute_dtype, plan.cpu_lm_head)
+        optimizer_seconds = _optimizer_seconds(lora_params, num_layers, settings.optimizer)
     finally:
         torch.set_num_threads(previous_threads)
     return StepCosts(
@@ -142,13 +139,18 @@ def measure_step_costs(model_config, rows: int, seq_len: int, weights_dtype: str
         measure_seconds=time.perf_counter() - started,
         source=f"measured on this machine: {model_config.model_type} layer at {measured_rows} x {seq_len},"
                f" {compute_dtype}, {threads} threads",
-        cpu_lm_head=cpu_lm_head,
-        fused_lora=fused_lora,
+        cpu_lm_head=plan.cpu_lm_head,
+        fused_lora=plan.fused_lora,
     )
 
 
-def _two_layer_model(model_config, weights_dtype, compute_dtype, lora_r, lora_dropout, target_modules, attn,
-                     fused_lora=False):
+def _target_modules(settings):
+    """PEFT's target_modules from the settings' string: 'all-linear' as is, a comma list as a list."""
+    target = settings.target_modules
+    return target.split(",") if "," in target else target
+
+
+def _two_layer_model(model_config, settings, plan):
     """The config's own model class with 2 layers, a tiny vocabulary and random weights, LoRA'd
     as the run will be; (model, the trainable LoRA tensors of one layer)."""
     import torch
@@ -166,15 +168,17 @@ def _two_layer_model(model_config, weights_dtype, compute_dtype, lora_r, lora_dr
         if isinstance(getattr(config, name, None), int) and getattr(config, name) >= config.vocab_size:
             setattr(config, name, None)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(weights_dtype), attn_implementation=attn)
-    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout,
-                                             target_modules=target_modules, task_type="CAUSAL_LM"))
-    lora = [p for n, p in model.named_parameters() if p.requires_grad]
-    if compute_dtype != "fp32":
-        for p in lora:  # cpuft keeps CPU adapters in fp32 under autocast (train.model_loading)
-            p.data = p.data.float()
-    if fused_lora:
-        from cpuft.train.fused_lora import fuse_lora_layers
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(settings.weights_dtype),
+                                             attn_implementation=settings.attn_implementation)
+    model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r,
+                                             lora_dropout=settings.lora_dropout,
+                                             target_modules=_target_modules(settings), task_type="CAUSAL_LM"))
+    if plan.adapter_dtype is not None:  # the run's rule (cpuft.planning.plan.Plan.adapter_dtype)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch_dtype(plan.adapter_dtype))
+    if plan.fused_lora:
+        from cpuft.fastpaths.fused_lora import fuse_lora_layers
 
         fuse_lora_layers(model)
     model.train()

@@ -1,0 +1,86 @@
+"""Data preparation, the stage between the preflight and the trainer: rows -> tokenised train and
+eval sets with their loss masks.
+
+Owns, for a causal LM (`tokenize_for_causal_lm`):
+- tokenising conversations with the loss mask `loss_on` asks for (cpuft.data.loss_mask), train
+  and eval alike, so the end-of-run eval loss scores the same tokens; plain text and
+  prompt/completion rows that TRL tokenises itself pass through;
+- refusing a run that would train on nothing (every reply past max_length) and saying what the
+  loss counts and what in the data stops it;
+- the token count the time plan needs (tokens per epoch, mean tokens per row).
+
+Inputs: the validated, split rows (cpuft.data.prepare.PreparedData), the tokenizer (given cpuft's
+default ChatML template by cpuft.data.chat_template when it had none: `default_template`) and the
+two data keys that shape tokens (loss_on, max_length). It neither loads a model nor writes a file.
+The seq2seq variant tokenises prompt/target pairs instead (cpuft.train.seq2seq).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cpuft.data.prepare import PreparedData
+from cpuft.errors import UserError
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What a trainer reads: tokenised (or TRL-ready) train and eval rows, with their facts."""
+
+    train: Any  # datasets.Dataset
+    eval: Any | None
+    source: str  # the dataset as given (a path, a Hub id, 'sample')
+    row_format: str
+    num_rows: int  # rows read, before the split
+    tokens_per_epoch: int  # trained tokens in one pass over `train` (truncated to max_length)
+    mean_tokens_per_row: float
+    # "train"/"eval" -> cpuft.data.loss_mask.LossMaskCounts, for conversational rows.
+    loss_masks: dict[str, Any] = field(default_factory=dict)
+    default_template: Any = None  # cpuft.data.chat_template.DefaultTemplate the tokenizer was given, or None
+
+    def describe(self) -> str:
+        held_out = len(self.eval) if self.eval is not None else 0
+        return f"data: {self.source} ({self.row_format}), {len(self.train)} train / {held_out} eval rows"
+
+
+def is_conversational(rows: PreparedData) -> bool:
+    return "messages" in rows.train.column_names
+
+
+def tokenize_for_causal_lm(rows: PreparedData, tokenizer, loss_on: str, max_length: int, default_template=None,
+                           log=print) -> TrainingSet:
+    """`rows` ready for TRL's SFTTrainer on a causal LM (see the module docstring); UserError when
+    no conversation keeps a token to train on after truncation."""
+    from datasets import Dataset
+
+    from cpuft.data.loss_mask import tokenize_conversations
+    from cpuft.planning.cloud import tokens_per_epoch
+
+    train, held_out, loss_masks = rows.train, rows.eval, {}
+    if is_conversational(rows):
+        tokenized = {}
+        for split, split_rows, where in (("train", rows.train, rows.train_where), ("eval", rows.eval, rows.eval_where)):
+            if split_rows is None:
+                continue
+            records, loss_masks[split] = tokenize_conversations(
+                split_rows["messages"], tokenizer, loss_on, max_length, where=where,
+            )
+            tokenized[split] = Dataset.from_list(records)
+        train, held_out = tokenized["train"], tokenized.get("eval")
+        counts = loss_masks["train"]
+        if counts.conversations and counts.loss_tokens == 0:  # the run would take 0 steps
+            raise UserError(
+                f"{rows.source}: no conversation has a token to train on after truncation to"
+                f" max_length {max_length} (loss_on: {loss_on}); every reply lies"
+                " past it. Raise --max-length, shorten the prompts, or pass --loss-on all."
+            )
+        log(counts.describe())
+        for line in counts.warnings():
+            log(f"cpuft: warning: {line}")
+    tokens, per_row = tokens_per_epoch(train, tokenizer, max_length)
+    return TrainingSet(
+        train=train, eval=held_out, source=rows.source, row_format=rows.row_format, num_rows=rows.num_rows,
+        tokens_per_epoch=tokens, mean_tokens_per_row=per_row, loss_masks=loss_masks,
+        default_template=default_template,
+    )
