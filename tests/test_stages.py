@@ -34,10 +34,11 @@ def test_prepare_run_validates_and_loads_everything_and_writes_nothing(tiny_mode
     assert counts.conversations == 16 and 0 < counts.loss_tokens < counts.tokens  # replies only
     assert run.data.tokens_per_epoch > 0 and run.data.mean_tokens_per_row > 0
     # `cpuft plan` and the bench plan through the same preflight: the same plan for the same job.
-    assert preflight(job, run.machine).plan == run.plan
+    planned = preflight(job, run.machine).plan
+    assert planned == run.plan
     assert any("compute_dtype" in line for line in printed)  # the plan table, before loading
     assert run.model_facts.num_layers == 2
-    assert run.with_plan(fused_lora=False).plan.fused_lora is False and run.plan == preflight(job, run.machine).plan
+    assert run.with_plan(fused_lora=False).plan.fused_lora is False and run.plan == planned  # a copy; run unchanged
 
 
 def test_train_run_writes_the_run_directory_and_a_summary_that_reads_back(tiny_model_dir, tmp_path):

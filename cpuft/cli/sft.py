@@ -129,10 +129,9 @@ def _restore_from_store(url: str, run_dir: Path) -> bool:
     """--resume --sync-to on a machine without the run: True when restored from the store (then
     resume), False when the store holds no run either (then start fresh, as a new VM's first
     attempt does)."""
-    from cpuft.storage import RunStore
+    from cpuft.storage import open_writable_store
 
-    store = RunStore(url)
-    store.check_writable()
+    store = open_writable_store(url)
     if not store.has(RunDir.CONFIG) or not any(c.complete for c in store.checkpoints()):
         # A run killed before its first checkpoint was stored has nothing to continue from.
         print(f"--resume: neither {run_dir} nor {url} holds a checkpoint; starting fresh.", flush=True)

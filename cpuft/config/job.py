@@ -225,21 +225,17 @@ def _read_retired_keys(values: dict[str, Any], where: dict[str, str]) -> None:
 
 
 def _check_ranges(config: SFTJobConfig) -> None:
-    def fail(key: str, text: str) -> None:
-        at = config.origins.get(key)
-        raise UserError(f"{at}: {text}" if at else text)
-
     if not 0.0 <= config.eval_fraction < 1.0:
-        fail("eval_fraction", f"eval_fraction must be in [0, 1), got {config.eval_fraction}.")
+        _fail(config, "eval_fraction", f"eval_fraction must be in [0, 1), got {config.eval_fraction}.")
     if config.max_length < 8:
-        fail("max_length", f"max_length must be at least 8 tokens, got {config.max_length}.")
+        _fail(config, "max_length", f"max_length must be at least 8 tokens, got {config.max_length}.")
     if config.max_steps == 0 or config.max_steps < -1:
-        fail("max_steps", f"max_steps must be -1 (use epochs) or positive, got {config.max_steps}.")
+        _fail(config, "max_steps", f"max_steps must be -1 (use epochs) or positive, got {config.max_steps}.")
     for name in ("lora_r", "lora_alpha", "save_steps", "logging_steps", "save_total_limit", "num_virtual_tokens"):
         if getattr(config, name) < 1:
-            fail(name, f"{name} must be at least 1, got {getattr(config, name)}.")
+            _fail(config, name, f"{name} must be at least 1, got {getattr(config, name)}.")
     if config.max_samples is not None and config.max_samples < 1:
-        fail("max_samples", f"max_samples must be at least 1, got {config.max_samples}.")
+        _fail(config, "max_samples", f"max_samples must be at least 1, got {config.max_samples}.")
 
 
 def _fail(config: SFTJobConfig, key: str, text: str) -> None:

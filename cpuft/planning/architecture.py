@@ -65,7 +65,6 @@ class ArchitectureFacts:
     attention: Decision
     target_modules: Decision
     linear_names: tuple[str, ...]  # leaf names of the blocks' linear layers (output head excluded)
-    layers_path: str | None = None  # dotted path of the decoder blocks' ModuleList (model.layers, transformer.h, ...)
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(setting, value, reason) rows for the plan table."""
@@ -88,7 +87,6 @@ def architecture_facts(config, requested_attention: str | None = None, requested
         attention=attention_implementation(cls, requested_attention),
         target_modules=_target_modules(model, requested_targets),
         linear_names=tuple(_block_linear_names(model)),
-        layers_path=decoder_layers_path(model),
     )
 
 

@@ -142,11 +142,6 @@ class Plan:
         return "fp32" if self.device == "cpu" else None
 
     @property
-    def fast_paths(self) -> tuple[str, ...]:
-        """cpuft's eager CPU paths (cpuft.fastpaths) this plan turns on; `reasons` says why each."""
-        return tuple(name for name in CPU_EAGER_PATHS if getattr(self, name))
-
-    @property
     def world_size(self) -> int:
         return self.ranks_per_node * self.nodes
 

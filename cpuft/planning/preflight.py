@@ -27,7 +27,7 @@ from typing import Any
 from cpuft.errors import UserError
 from cpuft.hardware.probe import Machine
 from cpuft.modeling import read_model_config
-from cpuft.planning.architecture import ArchitectureFacts, architecture_facts
+from cpuft.planning.architecture import architecture_facts
 from cpuft.planning.plan import Plan
 from cpuft.planning.report import format_env_table
 
@@ -36,8 +36,7 @@ from cpuft.planning.report import format_env_table
 class Preflight:
     machine: Machine
     model_config: Any  # transformers' PretrainedConfig of the base model
-    architecture: ArchitectureFacts
-    plan: Plan
+    plan: Plan  # the model's architecture facts are in it (model_class, task_type, attention, targets)
     max_steps: int  # the run's length, as the job asked (-1: num_train_epochs)
     num_train_epochs: float
     model_shape: Any = None  # cpuft.planning.memory.ModelShape; None for an architecture it cannot build
@@ -67,7 +66,7 @@ def preflight(job, machine: Machine, ranks_per_node: int = 1, nodes: int = 1, tr
     fitted = plan_job(machine, job, shape, training=training, where=where, ranks_per_node=ranks_per_node,
                       nodes=nodes, architecture=architecture)
     return Preflight(
-        machine=machine, model_config=model_config, architecture=architecture, plan=fitted.plan,
+        machine=machine, model_config=model_config, plan=fitted.plan,
         max_steps=job.max_steps, num_train_epochs=job.num_train_epochs, model_shape=shape,
         run_settings=fitted.settings, memory_plan=fitted.memory, machine_type=declared_machine_type(job),
     )

@@ -14,7 +14,6 @@ from cpuft.storage.store import RestoreReport, RunStore, StoredCheckpoint
 from cpuft.storage.uploader import BackgroundUploader
 
 
-
 def open_writable_store(url: str | None) -> RunStore | None:
     """The --sync-to store at `url`, checked writable (UserError, exit 2) before a run writes
     anything; None without a URL."""

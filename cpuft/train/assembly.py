@@ -8,7 +8,7 @@ Owns, for a causal LM (`assemble_sft_trainer`):
 - TRL's SFTTrainer with the SFTConfig the plan and the job decide (cpuft.train.trainer_args), on
   rows in cpuft's length-grouped order when the plan says so (cpuft.data.packing);
 - the patches after construction: the adapter kept in the plan's adapter dtype, cpuft's CPU fast
-  paths the plan turns on (`plan.fast_paths`, cpuft.fastpaths), the trained token rows made
+  paths the plan turns on (its CPU_EAGER_PATHS fields, cpuft.fastpaths), the trained token rows made
   readable to TRL and saved alone, and transformers' printing callbacks removed (cpuft's
   MetricsCallback draws progress).
 
