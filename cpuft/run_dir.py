@@ -115,6 +115,7 @@ class RunDir:
     def check_usable(self, resume: bool) -> None:
         """UserError unless this directory may be used: empty or absent for a new run, a cpuft
         run (its config.yaml) to resume."""
+        self._check_writable()
         if resume:
             if not self.config_file.is_file():
                 raise UserError(f"--resume: {self.path} is not a cpuft run directory (no {self.CONFIG}).")
@@ -124,6 +125,22 @@ class RunDir:
                 f"output directory {self.path} already holds files; cpuft will not overwrite a run."
                 " Pass --resume to continue it, or choose another --output-dir."
             )
+
+    def _check_writable(self) -> None:
+        """UserError unless this directory is, or can be made, a directory this process may write
+        in: a file in the way (at the path or above it) or a read-only filesystem is found now,
+        not as a traceback after the model has loaded."""
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            what = "is a file" if existing == self.path else f"cannot be created: {existing} is a file"
+            raise UserError(f"output directory {self.path} {what}; choose another --output-dir.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            # access(2) answers EROFS for a read-only filesystem as it does for a missing permission.
+            readonly = _on_read_only_filesystem(existing)
+            why = "is on a read-only filesystem" if readonly else "is not writable by this user"
+            raise UserError(f"output directory {self.path}: {existing} {why}; choose another --output-dir.")
 
     def checkpoint_to_resume(self) -> str:
         """The last complete checkpoint-N; newer ones a hard kill cut short are set aside (renamed,
@@ -188,3 +205,11 @@ class RunDir:
         """A hard kill can log steps past the last checkpoint; the resumed run logs them again."""
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r, default=str) + "\n" for r in kept))
+
+
+def _on_read_only_filesystem(path: Path) -> bool:
+    """True when `path` lies on a filesystem mounted read-only (statvfs's ST_RDONLY flag)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

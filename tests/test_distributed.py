@@ -27,7 +27,7 @@ from cpuft.train.distributed import (
     processes_per_node,
     world_from_flags,
 )
-from tests.conftest import run_cpuft
+from tests.conftest import planned_tolerance, run_cpuft
 
 COMMON = ("--eval-fraction", "0", "--per-device-batch-size", "1", "--logging-steps", "1", "--lora-dropout", "0",
           "--threads", "1", "--no-progress")
@@ -116,6 +116,96 @@ def test_ddp_does_not_search_for_unused_parameters(one_and_two):
     # Trainer's default without checkpointing) DDP warns on every rank that the search found none.
     _, _, result = one_and_two
     assert "find_unused_parameters=True" not in result.stderr + result.stdout
+
+
+# Micro-batches of more than one row: the global batch of 8 is 4 x 2 in one process and 2 x 2 on
+# each of 2 ranks. 36 rows make 5 steps an epoch, the 5th filled up from 4 rows (cpuft.data.packing),
+# so 6 steps cross an epoch. A constant learning rate makes a run stopped at step 3 and continued
+# to 6 the same as one run to 6 (a decaying schedule is laid over the max_steps of the run).
+WIDE = ("--eval-fraction", "0", "--max-samples", "36", "--logging-steps", "1", "--lora-dropout", "0",
+        "--learning-rate", "5e-3", "--lr-scheduler-type", "constant", "--warmup-steps", "0", "--threads", "1",
+        "--no-progress")
+ONE_PROCESS_SPLIT = ("--per-device-batch-size", "4", "--gradient-accumulation-steps", "2")
+TWO_RANK_SPLIT = ("--per-device-batch-size", "2", "--gradient-accumulation-steps", "2", "--nproc-per-node", "2")
+
+
+def step_tokens(run_dir: Path, resumed_after: int | None = None) -> list[int]:
+    """Non-padding tokens of each optimizer step (TRL's num_tokens sums them over all ranks, from
+    zero in each process: a run resumed after step `resumed_after` counts afresh from the next)."""
+    tokens, previous = [], 0
+    for record in metrics(run_dir):
+        if "num_tokens" in record:
+            previous = 0 if record["step"] == (resumed_after or -1) + 1 else previous
+            tokens.append(record["num_tokens"] - previous)
+            previous = record["num_tokens"]
+    return tokens
+
+
+def adapter_difference(a_dir: Path, b_dir: Path) -> tuple[float, float]:
+    """(largest absolute difference, norm of the difference / norm of `a_dir`'s adapter)."""
+    from safetensors.torch import load_file
+
+    a = load_file(a_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    largest = max((a[k] - b[k]).abs().max().item() for k in a)
+    relative = sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5 / sum((a[k] ** 2).sum().item() for k in a) ** 0.5
+    return largest, relative
+
+
+def assert_same_adapter(a_dir: Path, b_dir: Path, tolerance: float) -> None:
+    # Adam turns rounding differences in a near-zero gradient into updates of up to the learning
+    # rate, so under bf16 a few weights move by ~1e-2 while the adapter as a whole agrees to ~1 %
+    # (measured: 0.85 %; rows of other steps gave ~50 % in issue 21): both are checked.
+    largest, relative = adapter_difference(a_dir, b_dir)
+    assert largest < tolerance and relative < 0.05, (largest, relative)
+
+
+@pytest.fixture(scope="module")
+def wide_batches(qa_model_dir, qa_dataset, tmp_path_factory):
+    """6 steps of global batch 8 in one process (4 x 2) and on 2 ranks (2 x 2 each); a 2-rank run of
+    3 steps, resumed to 6 in one process. Returns the run directories and the resume's result."""
+    root = tmp_path_factory.mktemp("ddp-wide")
+    base = ("sft", "--model", qa_model_dir, "--dataset", qa_dataset, *WIDE)
+    one = run_cpuft(*base, "--max-steps", "6", *ONE_PROCESS_SPLIT, "--output-dir", root / "one")
+    two = run_cpuft(*base, "--max-steps", "6", *TWO_RANK_SPLIT, "--output-dir", root / "two")
+    first = run_cpuft(*base, "--max-steps", "3", "--save-steps", "3", *TWO_RANK_SPLIT, "--output-dir", root / "moved")
+    for result in (one, two, first):
+        assert result.returncode == 0, result.stderr[-3000:]
+    resumed = run_cpuft("sft", "--output-dir", root / "moved", "--resume", "--max-steps", "6", *ONE_PROCESS_SPLIT,
+                        "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return root / "one", root / "two", root / "moved", resumed
+
+
+@pytest.mark.slow
+def test_two_ranks_with_wider_micro_batches_train_the_one_process_rows(wide_batches):
+    one, two, _, _ = wide_batches
+    plans = [json.loads((run / "plan.json").read_text())["plan"] for run in (one, two)]
+    assert [(p["per_device_batch_size"], p["world_size"], p["global_batch_size"]) for p in plans] == [(4, 1, 8), (2, 2, 8)]
+    # The same rows in every step: the same token counts, exactly (they differed from step 1 when
+    # the order was grouped by the per-device micro-batch).
+    tokens = step_tokens(one)
+    assert len(tokens) == 6 and tokens == step_tokens(two)
+    _, tolerance = planned_tolerance(one)
+    assert [s for s, _ in losses(one)] == [s for s, _ in losses(two)] == list(range(1, 7))
+    for (step, a), (_, b) in zip(losses(one), losses(two)):
+        assert abs(a - b) < tolerance, (step, a, b)
+    assert_same_adapter(one, two, tolerance)
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_another_number_of_processes_ends_as_the_uninterrupted_one(wide_batches):
+    one, _, moved, resumed = wide_batches
+    assert f"resuming from {moved / 'checkpoint-3'}" in resumed.stdout
+    plan = json.loads((moved / "plan.json").read_text())["plan"]
+    assert (plan["world_size"], plan["per_device_batch_size"], plan["global_batch_size"]) == (1, 4, 8)
+    _, tolerance = planned_tolerance(one)
+    assert [s for s, _ in losses(moved)] == list(range(1, 7))  # steps 1-3 on 2 ranks, 4-6 in one process
+    for (step, a), (_, b) in zip(losses(one), losses(moved)):
+        assert abs(a - b) < tolerance, (step, a, b)
+    assert step_tokens(moved, resumed_after=3) == step_tokens(one)
+    assert_same_adapter(one, moved, tolerance)
 
 
 def _rank_process(launcher: subprocess.Popen, rank: int):

@@ -114,14 +114,54 @@ def _padding(lengths: list[int], order: list[int], batch_size: int) -> int:
 
 def test_length_grouped_order_is_a_permutation_that_cuts_padding():
     rng = random.Random(0)
-    lengths = [int(rng.lognormvariate(5, 0.9)) + 1 for _ in range(96)]
-    order = length_grouped_order(lengths, batch_size=8, seed=1)
+    lengths = [int(rng.lognormvariate(5, 0.9)) + 1 for _ in range(192)]
+    order = length_grouped_order(lengths, 16, seed=1)  # optimizer steps of 16 rows
     assert sorted(order) == list(range(len(lengths)))
     shuffled = list(range(len(lengths)))
     rng.shuffle(shuffled)
-    assert _padding(lengths, order, 8) < 0.25 * _padding(lengths, shuffled, 8)
-    assert order == length_grouped_order(lengths, batch_size=8, seed=1)  # resumable: same seed, same batches
-    assert order != length_grouped_order(lengths, batch_size=8, seed=2)
+    for micro_batch in (4, 8, 16):  # however a step is cut into micro-batches
+        assert _padding(lengths, order, micro_batch) < 0.25 * _padding(lengths, shuffled, micro_batch)
+    assert order == length_grouped_order(lengths, 16, seed=1)  # resumable: same seed, same batches
+    assert order != length_grouped_order(lengths, 16, seed=2)
+
+
+def _rows_per_optimizer_step(order: list[int], micro_batch: int, accumulation: int, world: int) -> list[list[int]]:
+    """The rows each optimizer step trains, dealt as a run of `world` processes deals them: the
+    Trainer's sequential sampler cut into micro-batches (the last one short), under DDP
+    accelerate's own BatchSamplerShard giving rank r micro-batches r, r + world, ... (one process
+    keeps the plain batches: accelerate's prepare_data_loader), each rank accumulating its next
+    `accumulation`."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    batches = BatchSampler(SequentialSampler(order), micro_batch, drop_last=False)
+    per_rank = [list(batches)] if world == 1 else [
+        list(BatchSamplerShard(batches, num_processes=world, process_index=rank)) for rank in range(world)]
+    steps = -(-len(per_rank[0]) // accumulation)
+    return [sorted(order[i] for batches in per_rank for batch in batches[k * accumulation:(k + 1) * accumulation]
+                   for i in batch) for k in range(steps)]
+
+
+def test_optimizer_steps_train_the_same_rows_however_the_global_batch_is_split():
+    """One process with micro-batch 4 x 2 accumulation and every DDP split of the same global batch
+    of 8 (a run resumed on another number of ranks too) train the same rows in every step. 101
+    rows leave the last step short: it is filled, so DDP need not wrap around to the first rows."""
+    rng = random.Random(5)
+    lengths = [rng.randint(3, 400) for _ in range(101)]
+    order = length_grouped_order(lengths, 8, seed=42)
+    one_process = _rows_per_optimizer_step(order, 4, 2, 1)
+    assert len(one_process) == 13 and all(len(step) == 8 for step in one_process)
+    for micro_batch, accumulation, world in ((2, 2, 2), (1, 4, 2), (4, 1, 2), (1, 2, 4), (2, 1, 4), (8, 1, 1), (1, 1, 8)):
+        split = _rows_per_optimizer_step(order, micro_batch, accumulation, world)
+        assert split == one_process, (micro_batch, accumulation, world)
+    # Every row is trained each epoch; the short step's filler repeats fewer than a step's rows.
+    assert set(order) == set(range(101)) and len(order) == 104
+
+
+def test_a_run_smaller_than_one_step_fills_it_by_repeating_rows():
+    order = length_grouped_order([5, 9, 7], 8, seed=0)
+    assert len(order) == 8 and sorted(order.count(row) for row in range(3)) == [2, 3, 3]  # in turn
+    assert length_grouped_order([], 8, seed=0) == []
 
 
 def _avx2_machine():

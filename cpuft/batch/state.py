@@ -14,18 +14,27 @@ Every transition is one `BEGIN IMMEDIATE` transaction that first checks the curr
 processes can never both move a job to 'running': the second gets `StateConflict`. SQLite's
 rollback journal makes each commit durable and all-or-nothing across a power cut; `attempts` counts
 starts, preemptions do not count as failures (a spot VM may be preempted many times).
+
+Opening a store checks the file first (`PRAGMA quick_check`, then the `jobs` table's columns): a
+file that is not SQLite, is cut short or damaged, or is another program's database is refused
+with a `UserError` naming it, and is never repaired, emptied or overwritten, since it may be the
+only record of the queue's history. A file that is empty or has no tables becomes a new store.
+Damage that appears after the store was opened is not caught here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from cpuft.errors import UserError
 
 STATES = ("queued", "running", "done", "failed", "preempted")
 
@@ -101,14 +110,47 @@ class StateStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # autocommit mode: transactions are the explicit BEGIN IMMEDIATE blocks below
-        self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA synchronous = FULL")
-        with self.transaction():
-            self.db.execute(SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        except sqlite3.OperationalError as exc:  # e.g. a directory where the file should be
+            raise _unusable(self.path, f"it cannot be opened ({exc})") from None
+        try:
+            self.db.row_factory = sqlite3.Row
+            self._check_or_create_schema()  # first: even the PRAGMA below reads the file
+            self.db.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
+
+    def _check_or_create_schema(self) -> None:
+        """Refuse a file that is not a sound cpuft state store before anything writes to it."""
+        try:
+            # quick_check reads every page: a file cut short fails here rather than mid-run.
+            # The stores are small (one row per job), so this costs milliseconds.
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check")]
+            tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        except sqlite3.OperationalError:
+            raise  # locked, busy, I/O: not the file's content
+        except sqlite3.DatabaseError as exc:  # SQLITE_NOTADB (not SQLite at all), SQLITE_CORRUPT (cut short, damaged)
+            raise _unusable(self.path, f"it is not an SQLite database, or is cut short or damaged (SQLite: {exc})") from None
+        if problems != ["ok"]:
+            raise _unusable(self.path, f"SQLite finds it damaged ({'; '.join(problems[:3])})")
+        if tables and "jobs" not in tables:
+            raise _unusable(self.path, f"it is an SQLite database without cpuft's 'jobs' table (its tables: {', '.join(sorted(tables)[:5])})")
+        expected = [f.name for f in fields(JobRecord)]  # _record() makes a JobRecord of every column
+        if "jobs" in tables and set(columns) != set(expected):
+            missing = [c for c in expected if c not in columns]
+            unknown = sorted(set(columns) - set(expected))
+            differences = [f"lacks {', '.join(missing)}" if missing else "", f"has {', '.join(unknown)}" if unknown else ""]
+            raise _unusable(self.path, f"its 'jobs' table {' and '.join(d for d in differences if d)}"
+                            " (another program's table, or another version's)")
+        if not tables:  # a new (or empty) file: make it a store
+            with self.transaction():
+                self.db.execute(SCHEMA)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -256,6 +298,16 @@ class StateStore:
             db.execute(f"UPDATE jobs SET {', '.join(assignments)} WHERE name = ?", (*params, name))
             row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
         return _record(row)
+
+
+def _unusable(path: Path, why: str) -> UserError:
+    return UserError(
+        f"{path} is not a usable cpuft batch state database: {why}. It was left as it is (it may hold this"
+        " queue's job history). Restore it from a backup, or move it aside (e.g. `mv"
+        f" {shlex.quote(str(path))} {shlex.quote(f'{path}.bad')}`) and run the queue again: a new state starts, jobs whose run directories"
+        " hold a finished run are recorded as done, and the others resume from their last checkpoint"
+        " (their attempt and failure counts start again)."
+    )
 
 
 def _record(row: sqlite3.Row) -> JobRecord:

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from cpuft import __version__
-from cpuft.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, UserError
+from cpuft.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, RunFailed, UserError
 from cpuft.modeling import defer_bitsandbytes
 
 # Subcommand modules under cpuft.cli, in --help order.
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"cpuft: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (RunFailed, OSError) as exc:
+        print(f"cpuft: the run failed: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("cpuft: aborted.", file=sys.stderr)
         return 130

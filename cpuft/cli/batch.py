@@ -36,8 +36,9 @@ resumes the rest from their stored checkpoints and keeps the failure counts; a j
 machine holds is left to it. $CPUFT_HOST names this machine in leases (default: its host name).
 
 Exit status of `run`: 0 all jobs done; 1 some job failed for good (or the store stopped
-answering); 2 bad queue file or unusable store (nothing run); 73 another scheduler is running this
-queue, or every job left is leased to another machine; 75 stopped by a signal (run again to resume).
+answering); 2 bad queue file, unusable store or a state.sqlite that is damaged or not cpuft's
+(nothing run, the file left as it is); 73 another scheduler is running this queue, or every job
+left is leased to another machine; 75 stopped by a signal (run again to resume).
 
 examples:
   cpuft batch check queue.yaml

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from cpuft.cli.world_arguments import add_world_arguments
 from cpuft.config.cli_args import (
@@ -128,7 +129,12 @@ def build_report(
 
     time_estimate, time_note = None, None
     token_count, mean_seq_len = tokens, float(config.max_length)
-    if token_count is None:
+    if token_count is None and not dataset_given and not _hub_reachable():
+        # The default dataset lives on the Hub, whose client retries for ~20 s before giving up
+        # when the network is down: a plan is asked for to be quick.
+        time_note = (f"time not estimated: the default dataset {config.dataset} is on the Hugging Face Hub,"
+                     " which cannot be reached from here; pass --dataset FILE or --tokens N")
+    elif token_count is None:
         try:
             token_count, mean_seq_len = _count_dataset_tokens(config)
         except UserError as exc:
@@ -166,6 +172,23 @@ def build_report(
             "cost_usd_all_nodes": all_nodes,
         },
     }
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within `timeout` seconds. In offline
+    mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) the libraries read their cache at once and fail
+    fast, so the answer is True: let them try the cache."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        return True  # the libraries read their cache without the network: let them
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _count_dataset_tokens(config) -> tuple[int, float]:

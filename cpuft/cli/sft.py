@@ -100,6 +100,10 @@ def _train(args) -> int:
     if summary is None:  # a rank other than 0: rank 0 reports for the job
         return EXIT_INTERRUPTED if result.status == "interrupted" else 0
     print()
+    if result.status == "finished":
+        print(f"{result.run_dir} is already finished ({summary.steps} steps): nothing trained, nothing written."
+              f" adapter: {summary.adapter_dir}")
+        return 0
     if result.status == "interrupted":
         print(
             f"interrupted at step {summary.steps}: checkpoint saved in {result.run_dir}."
@@ -110,10 +114,12 @@ def _train(args) -> int:
     loss_line = f"loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}" if summary.final_loss is not None else "no loss logged"
     eval_line = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
     mfu = f", MFU {summary.mfu:.1%}" if summary.mfu is not None else ""
-    print(
-        f"done: {summary.steps} steps in {summary.train_seconds:.1f} s, {loss_line}{eval_line},"
-        f" {summary.train_tokens_per_second:.0f} tokens/s{mfu}, peak RSS {summary.peak_rss_mib:.0f} MiB"
-    )
+    if summary.steps_this_run == 0:  # resumed from a checkpoint that held every step
+        speed = "all trained before this resume"
+    else:
+        speed = (f"in {summary.train_seconds:.1f} s, {summary.train_tokens_per_second:.0f} tokens/s{mfu},"
+                 f" peak RSS {summary.peak_rss_mib:.0f} MiB")
+    print(f"done: {summary.steps} steps {speed}, {loss_line}{eval_line}")
     evaluation = summary.evaluation
     if evaluation is not None and evaluation.stopped_early:
         print(f"early stopping: no lower eval loss in {config.early_stopping_patience} evaluation(s) in a row")

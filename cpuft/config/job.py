@@ -24,10 +24,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import itertools
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import yaml
@@ -225,6 +228,28 @@ def _read_retired_keys(values: dict[str, Any], where: dict[str, str]) -> None:
 
 
 def _check_ranges(config: SFTJobConfig) -> None:
+    """Values the libraries would accept and then train nonsense with (a NaN or negative learning
+    rate, zero steps, a batch of 0), refused here so the run directory is never written."""
+    for key, value in _numbers(config):
+        if not math.isfinite(value):
+            _fail(config, key, f"{key} must be a finite number, got {value}.")
+    if not config.learning_rate > 0:
+        _fail(config, "learning_rate", f"learning_rate must be positive, got {config.learning_rate}.")
+    if config.weight_decay < 0:
+        _fail(config, "weight_decay", f"weight_decay must be 0 or more, got {config.weight_decay}.")
+    if config.warmup_steps < 0:
+        _fail(config, "warmup_steps", f"warmup_steps must be 0 or more, got {config.warmup_steps}.")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        _fail(config, "lora_dropout", f"lora_dropout must be in [0, 1), got {config.lora_dropout}.")
+    if config.max_steps == -1 and not config.num_train_epochs > 0:
+        _fail(config, "num_train_epochs", f"num_train_epochs must be positive when max_steps is -1 (train by"
+              f" epochs), got {config.num_train_epochs}: set num_train_epochs (e.g. 1) or max_steps.")
+    for name in ("per_device_batch_size", "gradient_accumulation_steps", "threads"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            _fail(config, name, f"{name} must be at least 1 (or unset: the plan's), got {getattr(config, name)}.")
+    max_grad_norm = config.trl_args.get("max_grad_norm")
+    if max_grad_norm is not None and max_grad_norm < 0:
+        _fail(config, "max_grad_norm", f"max_grad_norm must be 0 (no clipping) or more, got {max_grad_norm}.")
     if not 0.0 <= config.eval_fraction < 1.0:
         _fail(config, "eval_fraction", f"eval_fraction must be in [0, 1), got {config.eval_fraction}.")
     if config.max_length < 8:
@@ -236,6 +261,14 @@ def _check_ranges(config: SFTJobConfig) -> None:
             _fail(config, name, f"{name} must be at least 1, got {getattr(config, name)}.")
     if config.max_samples is not None and config.max_samples < 1:
         _fail(config, "max_samples", f"max_samples must be at least 1, got {config.max_samples}.")
+
+
+def _numbers(config: SFTJobConfig) -> Iterator[tuple[str, float]]:
+    """Every float the job sets, cpuft's keys and the libraries' alike, with its key."""
+    own = ((name, getattr(config, name)) for name in CONFIG_FIELDS)
+    for key, value in itertools.chain(own, config.trl_args.items(), config.peft_args.items()):
+        if isinstance(value, float):
+            yield key, value
 
 
 def _fail(config: SFTJobConfig, key: str, text: str) -> None:

@@ -21,9 +21,40 @@ def load_yaml_with_nodes(path: Path) -> tuple[Any, yaml.Node | None]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
     try:
-        return yaml.safe_load(text), yaml.compose(text)
+        node = yaml.compose(text)
+        size = _expanded_size(node, {})
+        if size > MAX_EXPANDED_NODES:
+            raise UserError(
+                f"{path}: its aliases (*name) expand to more than {MAX_EXPANDED_NODES:,} values"
+                f" ({size:,}); a config file that large is a mistake or an alias bomb. Write the values out."
+            )
+        return yaml.safe_load(text), node
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a config file.") from None
+
+
+# A config or queue file holds tens to thousands of values; aliases that expand past this are an
+# "alias bomb" (a few lines that expand exponentially and exhaust memory when read or printed).
+MAX_EXPANDED_NODES = 100_000
+
+
+def _expanded_size(node, sizes: dict[int, int]) -> int:
+    """How many values `node` holds with every alias expanded (a shared node counts each time it
+    is referenced), computed once per distinct node so the bomb is measured, not expanded."""
+    if node is None:
+        return 0
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(key, sizes) + _expanded_size(value, sizes) for key, value in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, sizes) for item in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
 
 
 def key_lines(node) -> dict[str, int]:

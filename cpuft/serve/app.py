@@ -10,12 +10,16 @@ that with max_tokens does not fit the context (code context_length_exceeded); 40
 wrong `Authorization: Bearer KEY` when the server has an API key; 404 an unknown model or route;
 429 the queue is full (Retry-After: 1); 503 the worker has stopped; 500 a failed generation.
 
+A client that closes its connection before its reply is complete, streamed or not, has its request
+dropped from the queue or its row stopped at the next token, counted in /health's `cancelled`.
+
 Prompts are tokenized here, on the event loop (the tokenizer is fast and only read, never
 reconfigured, so sharing it with the worker thread is safe); the model runs only in the worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -123,7 +127,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return protocol.model_card(config.model_name, started)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    async def chat_completions(request: protocol.ChatCompletionRequest):
+    async def chat_completions(request: protocol.ChatCompletionRequest, http_request: Request):
         check_model(request.model)
         tokenizer = engine.loaded.tokenizer
         if not tokenizer.chat_template:
@@ -133,7 +137,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         job = submit(request, ids)
         request_id = protocol.new_id("chatcmpl")
         if not request.stream:
-            result = await outcome(job)
+            result = await outcome(job, http_request)
             return protocol.chat_completion(request_id, config.model_name, result.text, result.finish_reason,
                                             result.prompt_tokens, result.completion_tokens)
 
@@ -145,14 +149,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                                           lambda reason: chunk({}, reason), request_id, "chat.completion.chunk"))
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
-    async def completions(request: protocol.CompletionRequest):
+    async def completions(request: protocol.CompletionRequest, http_request: Request):
         check_model(request.model)
         tokenizer = engine.loaded.tokenizer
         ids = tokenize(lambda: prompt_ids(tokenizer, text=request.prompt_text), "prompt")
         job = submit(request, ids)
         request_id = protocol.new_id("cmpl")
         if not request.stream:
-            result = await outcome(job)
+            result = await outcome(job, http_request)
             return protocol.text_completion(request_id, config.model_name, result.text, result.finish_reason,
                                             result.prompt_tokens, result.completion_tokens)
 
@@ -202,14 +206,37 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         except EngineStopped as exc:
             raise APIError(503, f"{exc}; restart cpuft serve.", "server_error", code="unavailable") from None
 
-    async def outcome(job) -> Finished:
+    async def outcome(job, http_request: Request) -> Finished:
+        """The job's result; if its client hangs up first, the job is cancelled (counted in
+        /health's `cancelled`) and nobody is answered.
+
+        Starlette cancels a streamed response whose client leaves (stream_events' `finally`), but
+        a plain response is only sent once the result is ready: without this watch a closed
+        connection kept the model generating up to max_tokens for nobody.
+        """
+        result = asyncio.ensure_future(job.result())
+        hang_up = asyncio.ensure_future(client_gone(http_request))
         try:
-            result = await job.result()
+            await asyncio.wait((result, hang_up), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            engine.cancel(job)  # a no-op once finished; stops the row if this handler was cancelled
+            hang_up.cancel()
+            if not result.done():
+                result.cancel()  # a cancelled row sends no event, so nothing would ever end this wait
+            engine.cancel(job)  # a no-op once finished; stops the row if the client left or this handler was cancelled
+        if result.cancelled():
+            # 499 (nginx's "client closed request"): uvicorn drops it, as the connection is gone; it shows in the access log.
+            raise APIError(499, "the client closed the connection before the reply was ready; its generation was stopped.",
+                           code="client_closed_request")
+        result = result.result()
         if isinstance(result, Failed):
             raise APIError(500, result.message, "server_error")
         return result
+
+    async def client_gone(http_request: Request) -> None:
+        """Returns once the client has closed its connection. The body is already read, so the
+        only message left to receive is http.disconnect (as Starlette's StreamingResponse listens)."""
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
 
     async def stream_events(job, request, first: dict | None, delta_chunk, final_chunk, request_id: str, obj: str) -> AsyncIterator[str]:
         include_usage = request.include_usage

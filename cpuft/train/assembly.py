@@ -30,7 +30,7 @@ def total_optimizer_steps(max_steps: int, num_train_epochs: float, train_rows: i
     """Optimizer steps the run will take (AdaLoRA lays its rank schedule over them)."""
     if max_steps > 0:
         return max_steps
-    per_epoch = math.ceil(train_rows / plan.effective_batch_size)
+    per_epoch = math.ceil(train_rows / plan.global_batch_size)
     return max(1, math.ceil(per_epoch * num_train_epochs))
 
 
@@ -57,7 +57,7 @@ def assemble_sft_trainer(job, plan: Plan, data: TrainingSet, tokenizer, model, r
     trainer = SFTTrainer(
         model=prepare_quantized_for_training(model, plan),
         args=build_sft_config(job, plan, run_dir),
-        train_dataset=order_by_length(data.train, plan.per_device_batch_size, job.seed) if plan.length_grouping else data.train,
+        train_dataset=order_by_length(data.train, plan.global_batch_size, job.seed) if plan.length_grouping else data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=peft_config,

@@ -1,5 +1,5 @@
 """TrainerCallbacks: progress with tokens/s, metrics.jsonl (training and evaluation logs alike),
-early stopping, checkpoint-on-signal, store sync.
+early stopping, checkpoint-on-signal, a stop when the weights turn NaN/inf, store sync.
 
 A spot VM's preemption notice gives about 30 seconds: on SIGTERM or SIGINT the trainer stops
 after the current micro-batch (not the whole optimizer step: with gradient accumulation a step
@@ -163,6 +163,46 @@ class CheckpointOnSignal(TrainerCallback):
         # should_training_stop and its end-of-epoch save writes checkpoint-<global_step>, the last
         # completed step; the gradients accumulated so far are dropped, and resume redoes them.
         return self.on_step_end(args, state, control, **kwargs)
+
+
+class StopOnNonFiniteWeights(TrainerCallback):
+    """Stops the run at the first optimizer step that leaves a trainable weight NaN or infinite
+    (a loss or gradient that overflowed, a learning rate too high), before that step's checkpoint
+    is saved: the checkpoints already on disk are the last good ones, and no NaN adapter is
+    written. `failure` then says which step and weight; cpuft.train.sft raises it as RunFailed.
+
+    The weights, not the logged loss, are checked because they are what a checkpoint keeps, and
+    a non-finite loss or gradient reaches them in the same step (AdamW and gradient clipping both
+    propagate NaN); logs come only every logging_steps. The check costs one isfinite per trainable
+    tensor (the adapter: a few MB) per optimizer step. Under DDP every rank holds the same weights,
+    so every rank stops at the same step.
+    """
+
+    def __init__(self):
+        self.failure: str | None = None
+        self._trainable: list[tuple[str, object]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if self.failure is None:
+            bad = next((name for name, p in self._trainable if not torch.isfinite(p.detach()).all()), None)
+            if bad is not None:
+                self.failure = (f"step {state.global_step}: the weights turned NaN/inf ({bad}): the loss or a"
+                                " gradient overflowed, most often from a learning rate too high; this step was not saved.")
+        if self.failure is not None:
+            control.should_save = False
+            control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.failure is not None:
+            control.should_save = False  # an epoch-end save would keep the non-finite weights
+        return control
 
 
 class SyncToStore(TrainerCallback):

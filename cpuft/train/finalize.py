@@ -28,7 +28,7 @@ FINAL_FLUSH_SECONDS = 600.0
 
 @dataclass(frozen=True)
 class RunResult:
-    status: str  # "completed" | "interrupted"
+    status: str  # "completed" | "interrupted" | "finished" (resumed, found done: left as it was)
     run_dir: Path
     summary: Summary | None = None  # None on a rank other than 0
     model: Any = None  # the trained (PEFT) model, for callers in this process

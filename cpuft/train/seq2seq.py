@@ -97,7 +97,7 @@ def assemble_seq2seq_trainer(job, plan, data: TrainingSet, tokenizer, model, run
     train = data.train
     if plan.length_grouping:
         lengths = [len(row["input_ids"]) + len(row["labels"]) for row in train]
-        train = train.select(length_grouped_order(lengths, plan.per_device_batch_size, job.seed))
+        train = train.select(length_grouped_order(lengths, plan.global_batch_size, job.seed))
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=LABEL_PAD_ID)
     trainer = _trainer_class()(
         model=peft_model, args=args, data_collator=collator, train_dataset=train, eval_dataset=data.eval,

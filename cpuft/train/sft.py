@@ -34,6 +34,7 @@ from typing import Any
 from cpuft.config.job import SFTJobConfig
 from cpuft.data.prepare import PreparedData, prepare_dataset
 from cpuft.data.training_set import TrainingSet
+from cpuft.errors import RunFailed
 from cpuft.hardware.probe import Machine
 from cpuft.planning.plan import Plan
 from cpuft.planning.preflight import Preflight, check_fits, estimate_time, preflight
@@ -41,6 +42,7 @@ from cpuft.run_dir import RunDir
 from cpuft.storage import open_writable_store
 from cpuft.train.distributed import World, bind_to_numa_node
 from cpuft.train.finalize import RunResult, finalize_run
+from cpuft.train import resume as resuming
 from cpuft.train.model_loading import fit_model_to_tokenizer, load_model, resolve_model_path
 from cpuft.train.summary import ModelFacts, trainable_parameter_count
 
@@ -87,6 +89,7 @@ def prepare_run(job: SFTJobConfig, machine: Machine, resume: bool = False, log=p
         log(f"rank {world.rank} of {world.size}: bound to CPUs {bound[0]}-{bound[-1]}")
 
     checked = preflight(job, machine, world.local_size, world.nodes)
+    checked = resuming.keep_global_batch(checked, run_dir, job, log) if resume else checked
     log(checked.describe() + "\n")
     check_fits(checked)
     torch.set_num_threads(checked.plan.threads)
@@ -109,29 +112,52 @@ def prepare_run(job: SFTJobConfig, machine: Machine, resume: bool = False, log=p
 
 
 def train_run(run: PreparedRun, show_progress: bool = True, log=print) -> RunResult:
-    """Steps 5-8 of the module docstring."""
+    """Steps 5-8 of the module docstring. A resumed run that is already finished is reported and
+    left as it is; one whose last checkpoint holds every planned step trains nothing and writes
+    that checkpoint's adapter; a run whose weights turn NaN/inf stops with RunFailed, its last
+    good checkpoint kept."""
     from cpuft.storage import BackgroundUploader
-    from cpuft.train.callbacks import CheckpointOnSignal, MetricsCallback, SyncToStore, evaluation_callbacks
+    from cpuft.train.callbacks import (
+        CheckpointOnSignal,
+        MetricsCallback,
+        StopOnNonFiniteWeights,
+        SyncToStore,
+        evaluation_callbacks,
+    )
     from cpuft.train.peft_methods import method_callbacks
 
     main = run.world.is_main
     log, show_progress = (log, show_progress) if main else (_quiet, False)
-    resume_from = _checkpoint_to_resume(run, log) if run.resume else None
+    metrics = MetricsCallback(run.run_dir.metrics_file, show_progress=show_progress)
+    signals, finite = CheckpointOnSignal(), StopOnNonFiniteWeights()
+    callbacks = [metrics, signals, *method_callbacks(run.job), *evaluation_callbacks(run.job), finite]
+    trainer = build_trainer(run, callbacks)  # writes nothing: a finished run stays as it was
+    resume_from = None
+    if run.resume:
+        finished = resuming.finished_run(run, trainer)
+        if finished is not None:
+            return finished
+        resume_from = resuming.checkpoint_to_resume(run, log)
     uploader = None
     if main:
         run.run_dir.write_header(run.job, run.machine, run.plan)  # the plan holds the world
         uploader = BackgroundUploader.for_run(run.store, run.run_dir, run.job.save_total_limit) if run.store else None
-    metrics = MetricsCallback(run.run_dir.metrics_file, show_progress=show_progress)
-    signals = CheckpointOnSignal()
-    callbacks = [metrics, signals, *method_callbacks(run.job), *evaluation_callbacks(run.job),
-                 *([SyncToStore(uploader, run.run_dir.path)] if uploader is not None else [])]
-    trainer = build_trainer(run, callbacks)
+        if uploader is not None:
+            trainer.add_callback(SyncToStore(uploader, run.run_dir.path))
     trainable_params = trainable_parameter_count(trainer.model)
+    if resume_from is not None and resuming.steps_done(resume_from) >= (planned := resuming.planned_optimizer_steps(trainer)):
+        log(f"{resume_from} holds all {planned} planned steps: nothing to train; its adapter becomes the run's.")
+        resuming.load_finished_checkpoint(trainer, resume_from, metrics)
+        return finalize_run(run, trainer, metrics, False, trainable_params, uploader, log)
     signals.install()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     finally:
         signals.uninstall()
+    if finite.failure is not None:
+        if uploader is not None:
+            uploader.close(0)
+        raise RunFailed(finite.failure + resuming.resume_hint(run))
     return finalize_run(run, trainer, metrics, signals.interrupted, trainable_params, uploader, log)
 
 
@@ -167,19 +193,6 @@ def _seq2seq_data(job: SFTJobConfig, checked: Preflight, rows: PreparedData, log
     check_seq2seq_job(job, rows, checked.model_config.model_type)
     tokenizer = load_seq2seq_tokenizer(job, log)
     return tokenizer, tokenize_for_seq2seq(rows, tokenizer, job.max_length)
-
-
-def _checkpoint_to_resume(run: PreparedRun, log) -> str | None:
-    """The checkpoint --resume continues from: rank 0 picks it (setting cut-short ones aside and
-    trimming metrics.jsonl); the other ranks take the newest complete one, the same."""
-    if run.world.is_main:
-        checkpoint = run.run_dir.checkpoint_to_resume()
-        log(f"resuming from {checkpoint}")
-        return checkpoint
-    from cpuft.checkpoints import newest_complete_checkpoint
-
-    complete, _ = newest_complete_checkpoint(run.run_dir.path)
-    return str(complete) if complete else None
 
 
 def _quiet(*args, **kwargs) -> None:  # the log of ranks other than 0: rank 0 reports for the job
