@@ -87,11 +87,30 @@ class EvaluationRecord:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A `cpuft dpo` run's held-out preference figures, from TRL's DPOTrainer evaluation: how often
+    the adapter's implicit reward ranks chosen above rejected, and by how much on average."""
+
+    eval_reward_accuracy: float | None = None  # eval_rewards/accuracies
+    eval_reward_margin: float | None = None  # eval_rewards/margins
+    beta: float | None = None
+    loss_type: str | None = None
+    starting_point: str | None = None  # "base model" or the SFT run directory it started from
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreferenceRecord:
+        return cls(**_known_values(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 # Fields written only when set (None means the run has no such figure, never "unknown").
 _ONLY_WHEN_SET = ("eval_loss_mask", "default_chat_template", "planned_memory_bytes", "planned_train_seconds",
-                  "peak_gpu_memory_bytes")
+                  "peak_gpu_memory_bytes", "preference")
 _RECORDS = {"loss_mask": LossMaskRecord, "eval_loss_mask": LossMaskRecord,
-            "default_chat_template": DefaultChatTemplateRecord}
+            "default_chat_template": DefaultChatTemplateRecord, "preference": PreferenceRecord}
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,8 @@ class Summary:
     planned_memory_bytes: int | None = None  # cpuft's estimate, next to the measured peak RSS
     planned_train_seconds: float | None = None  # cpuft's estimate, next to train_seconds
     peak_gpu_memory_bytes: int | None = None  # CUDA runs only
+    job: str = "sft"  # "sft" | "dpo": the command that trained the run
+    preference: PreferenceRecord | None = None  # `cpuft dpo` runs only
     other: dict[str, Any] = field(default_factory=dict)  # keys a newer cpuft wrote, kept as they were
 
     def to_dict(self) -> dict[str, Any]:

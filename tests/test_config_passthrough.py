@@ -194,14 +194,14 @@ def test_every_cpuft_key_named_like_an_sftconfig_field_reaches_it():
     plan's (the run sets the field): none is silently ignored, and a default that differs from
     TRL's own is CpuftSFTConfig's default too, with why."""
     from cpuft.config.job import CONFIG_FIELDS
-    from cpuft.config.passthrough import AT_RUN_TIME, TRL_PER_RUN, sft_fields
+    from cpuft.config.passthrough import AT_RUN_TIME, TRL_PER_RUN, trl_fields
     from cpuft.config.trl_config import cpuft_defaults, reason
 
     for name, field in CONFIG_FIELDS.items():
-        if name not in sft_fields():
+        if name not in trl_fields():
             continue
         if field.metadata.get("trl"):
-            library_default = sft_fields()[name].default
+            library_default = trl_fields()[name].default
             if field.default != library_default:
                 assert cpuft_defaults()[name].default == field.default and reason(cpuft_defaults()[name]), name
         else:

@@ -18,7 +18,7 @@ from cpuft.errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, RunFailed, UserError
 from cpuft.modeling import defer_bitsandbytes
 
 # Subcommand modules under cpuft.cli, in --help order.
-COMMAND_MODULES = ["sft", "env", "tiny_model", "bench", "plan", "merge", "infer", "serve", "batch"]
+COMMAND_MODULES = ["sft", "dpo", "env", "tiny_model", "bench", "plan", "merge", "infer", "serve", "batch"]
 
 DESCRIPTION = """\
 CPU-first LoRA/QLoRA fine-tuning. `cpuft sft --device auto` probes the machine, plans

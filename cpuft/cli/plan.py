@@ -174,21 +174,15 @@ def build_report(
     }
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connection within `timeout` seconds. In offline
-    mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) the libraries read their cache at once and fail
-    fast, so the answer is True: let them try the cache."""
-    import socket
-    from urllib.parse import urlparse
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection. In offline mode (HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE) the libraries read their cache at once and fail fast, so the answer is
+    True: let them try the cache."""
+    from cpuft.train.trainer_args import reachable
 
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
-        return True  # the libraries read their cache without the network: let them
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        return True
+    return reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
 
 def _count_dataset_tokens(config) -> tuple[int, float]:

@@ -47,6 +47,12 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_job_arguments(parser, "sft")
+
+
+def add_job_arguments(parser, kind: str) -> None:
+    """The flags of a training command (`cpuft sft`, `cpuft dpo`): the job's keys, the run flags,
+    the world; the handler trains a job of `kind`."""
     parser.add_argument("--config", metavar="FILE", help="YAML file of config keys")
     parser.add_argument(
         "--resume", action="store_true",
@@ -55,7 +61,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate config, data and model, print the plan, do not train")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs and batch jobs)")
     add_world_arguments(parser)
-    add_config_arguments(parser)
+    add_config_arguments(parser, kind)
     parser.set_defaults(handler=run)
 
 
@@ -73,6 +79,7 @@ def _train(args) -> int:
     from cpuft.planning.cloud import declared_machine_type
     from cpuft.train.sft import prepare_run, train_run
 
+    kind = args.job_kind
     cli_values = config_values(args)
     base, origins = None, None
     if args.resume:
@@ -83,10 +90,12 @@ def _train(args) -> int:
         if sync_to and not RunDir(run_dir).config_file.is_file():
             args.resume = _restore_from_store(str(sync_to), run_dir)
         if args.resume:
-            base, origins = _saved_config(run_dir)
-    config = resolve_config(args.config, cli_values, base=base, origins=origins)
+            base, origins = _saved_config(run_dir, kind)
+    config = resolve_config(args.config, cli_values, base=base, origins=origins, kind=kind)
     declared_machine_type(config)  # an unknown machine_type stops the job before anything is written
 
+    if kind == "dpo":
+        from cpuft.train.dpo import prepare_dpo_run as prepare_run
     run = prepare_run(config, probe_machine(), resume=args.resume)
     if run.world.is_main:
         print(f"\n{run.data.describe()}")
@@ -107,7 +116,7 @@ def _train(args) -> int:
     if result.status == "interrupted":
         print(
             f"interrupted at step {summary.steps}: checkpoint saved in {result.run_dir}."
-            f" Continue with: cpuft sft --output-dir {result.run_dir} --resume"
+            f" Continue with: cpuft {kind} --output-dir {result.run_dir} --resume"
             + (f" --sync-to {config.sync_to}" if config.sync_to else "")
         )
         return EXIT_INTERRUPTED
@@ -120,6 +129,10 @@ def _train(args) -> int:
         speed = (f"in {summary.train_seconds:.1f} s, {summary.train_tokens_per_second:.0f} tokens/s{mfu},"
                  f" peak RSS {summary.peak_rss_mib:.0f} MiB")
     print(f"done: {summary.steps} steps {speed}, {loss_line}{eval_line}")
+    preference = summary.preference
+    if preference is not None and preference.eval_reward_accuracy is not None:
+        print(f"held-out pairs: reward accuracy {preference.eval_reward_accuracy:.1%},"
+              f" margin {preference.eval_reward_margin:.4f} (beta {preference.beta:g})")
     evaluation = summary.evaluation
     if evaluation is not None and evaluation.stopped_early:
         print(f"early stopping: no lower eval loss in {config.early_stopping_patience} evaluation(s) in a row")
@@ -149,7 +162,7 @@ def _restore_from_store(url: str, run_dir: Path) -> bool:
     return True
 
 
-def _saved_config(run_dir: Path) -> tuple[dict, dict]:
+def _saved_config(run_dir: Path, kind: str) -> tuple[dict, dict]:
     """The saved job (cpuft's keys and the pass-through values) and where each key is in the file.
 
     Keys this version no longer knows are dropped: a run started by an older cpuft resumes."""
@@ -157,7 +170,7 @@ def _saved_config(run_dir: Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise UserError(f"--resume: {run_dir} is not a cpuft run directory (no {RunDir.CONFIG}).")
     saved, origins = read_mapping(path)
-    known = {str(k): v for k, v in saved.items() if is_config_key(str(k))}
+    known = {str(k): v for k, v in saved.items() if is_config_key(str(k), kind)}
     return known, {k: origins[k] for k in known}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import sys
 import typing
@@ -43,9 +44,11 @@ fields the plan decides (bf16, use_cpu, batch sizes, ...) are set through cpuft'
 """
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, kind: str = "sft") -> None:
     """One flag per cpuft key (grouped as in `KEY_GROUPS`), the --help-trl/--help-peft pages, and
-    the pass-through flags, added when the parser first sees a flag that is not cpuft's own."""
+    the pass-through flags of the job kind's TRL config, added when the parser first sees a flag
+    that is not cpuft's own."""
+    parser.set_defaults(job_kind=kind)
     group: Any = parser
     for name, f in CONFIG_FIELDS.items():
         if name in KEY_GROUPS:
@@ -54,28 +57,34 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         _add_flag(group, name, KEY_TYPES[name], f"{f.metadata['help']}{shown_default}")
     pages = parser.add_argument_group("TRL and PEFT fields")
     pages.add_argument(
-        "--help-trl", nargs=0, action=_PrintPage, page=format_trl_help,
-        help="list TRL SFTConfig's fields (each is a key and a flag) and exit",
+        "--help-trl", nargs=0, action=_PrintPage, page=functools.partial(format_trl_help, kind),
+        help=f"list TRL {_TRL_CLASS_NAMES[kind]}'s fields (each is a key and a flag) and exit",
     )
     pages.add_argument(
         "--help-peft", nargs="?", const="lora", choices=values(PeftMethod), metavar="METHOD",
-        action=_PrintPage, page=format_peft_help,
+        action=_PrintPage, page=functools.partial(format_peft_help, kind=kind),
         help="list the fields of METHOD's PEFT config (default lora) and exit",
     )
-    _add_library_flags_on_demand(parser)
+    _add_library_flags_on_demand(parser, kind)
+
+
+# The TRL config class of each job kind, by name (for help texts, without importing TRL).
+_TRL_CLASS_NAMES = {"sft": "SFTConfig", "dpo": "DPOConfig"}
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys the user typed as flags: {key: text}."""
-    return {k: v for k, v in vars(args).items() if is_config_key(k)}
+    kind = getattr(args, "job_kind", "sft")
+    return {k: v for k, v in vars(args).items() if k != "job_kind" and is_config_key(k, kind)}
 
 
-def add_library_arguments(parser: argparse.ArgumentParser) -> None:
-    """A hidden flag for every SFTConfig and PEFT config field that is not a cpuft key."""
+def add_library_arguments(parser: argparse.ArgumentParser, kind: str = "sft") -> None:
+    """A hidden flag for every field of the job kind's TRL config and of the PEFT configs that is
+    not a cpuft key."""
     if getattr(parser, "_cpuft_library_flags", False):
         return
     parser._cpuft_library_flags = True
-    fields = dict(passthrough.sft_fields())
+    fields = dict(passthrough.trl_fields(kind))
     for method in peft_config.PEFT_CONFIG_CLASSES:
         for name, field in peft_config.peft_fields(method).items():
             fields.setdefault(name, field)
@@ -107,7 +116,7 @@ def _add_flag(parser, name: str, hint: Any, help_text: str) -> None:
         pass  # the command has a flag of that name already (e.g. a --no-x of its own)
 
 
-def _add_library_flags_on_demand(parser: argparse.ArgumentParser) -> None:
+def _add_library_flags_on_demand(parser: argparse.ArgumentParser, kind: str) -> None:
     """Add the pass-through flags just before parsing, and only if a typed flag needs them."""
     parse_known_args = parser.parse_known_args
 
@@ -115,7 +124,7 @@ def _add_library_flags_on_demand(parser: argparse.ArgumentParser) -> None:
         strings = sys.argv[1:] if args is None else list(args)
         known = {option for action in parser._actions for option in action.option_strings}
         if any(s.startswith("--") and s.split("=", 1)[0] not in known for s in strings):
-            add_library_arguments(parser)
+            add_library_arguments(parser, kind)
         parsed, extras = parse_known_args(args, namespace)
         for extra in extras:
             if extra.startswith("--"):  # argparse alone would not say what was meant
@@ -144,17 +153,18 @@ class _PrintPage(argparse.Action):
 # ----------------------------------------------------------------------------- help pages
 
 
-def format_trl_help() -> str:
+def format_trl_help(kind: str = "sft") -> str:
     return _field_page(
-        "cpuft sft --help-trl", "TRL SFTConfig's fields, as cpuft config keys (YAML `name: value`, flag --name VALUE).",
-        passthrough.sft_fields(), passthrough.trl_deviations(), "TRL",
+        f"cpuft {kind} --help-trl",
+        f"TRL {_TRL_CLASS_NAMES[kind]}'s fields, as cpuft config keys (YAML `name: value`, flag --name VALUE).",
+        passthrough.trl_fields(kind), passthrough.trl_deviations(kind), "TRL",
     )
 
 
-def format_peft_help(method: str = "lora") -> str:
+def format_peft_help(method: str = "lora", kind: str = "sft") -> str:
     cls = peft_config.PEFT_CONFIG_CLASSES[method]
     return _field_page(
-        f"cpuft sft --help-peft {method}", f"PEFT's {cls} (peft_method {method}): its fields, as cpuft config keys.",
+        f"cpuft {kind} --help-peft {method}", f"PEFT's {cls} (peft_method {method}): its fields, as cpuft config keys.",
         peft_config.peft_fields(method), peft_config.PEFT_DEVIATIONS, "PEFT",
     )
 

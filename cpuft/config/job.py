@@ -38,6 +38,7 @@ import yaml
 from cpuft.config import choices, passthrough, peft_config
 from cpuft.config.reporting import check_report_integrations, report_integration_names
 from cpuft.config.sections import (
+    DPO_LEARNING_RATE,
     SECTIONS,
     AdapterSection,
     DataSection,
@@ -64,6 +65,8 @@ class SFTJobConfig(
 ):
     """One `cpuft sft` job: every section's keys as flat fields (`config.learning_rate`)."""
 
+    # The job kind: which TRL trainer and config run it (cpuft.config.passthrough.JOB_KINDS).
+    kind: typing.ClassVar[str] = "sft"
     # Where each key was set ("FILE:LINE", "--flag"), for messages; not part of the job.
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -80,6 +83,17 @@ class SFTJobConfig(
         return {**values, **self.trl_args, **self.peft_args}
 
 
+@dataclass
+class DPOJobConfig(SFTJobConfig):
+    """One `cpuft dpo` job: the same keys as `cpuft sft` where they mean the same; TRL's DPOConfig
+    fields (beta, loss_type, ...) pass through in `trl_args`."""
+
+    kind: typing.ClassVar[str] = "dpo"
+
+
+JOB_CONFIG_CLASSES = {"sft": SFTJobConfig, "dpo": DPOJobConfig}
+
+
 CONFIG_FIELDS = {name: f for section in SECTIONS for name, f in section_keys(section).items()}
 KEY_TYPES = {name: hint for name, hint in typing.get_type_hints(SFTJobConfig).items() if name in CONFIG_FIELDS}
 # --help groups: the first key of each section, and the section's title.
@@ -89,12 +103,12 @@ KEY_GROUPS = {next(iter(section_keys(section))): section_title(section) for sect
 # ----------------------------------------------------------------------------- one key
 
 
-def is_config_key(key: str) -> bool:
-    """A cpuft key, an SFTConfig field or a field of some PEFT config."""
-    return key in CONFIG_FIELDS or key in passthrough.sft_fields() or peft_config.is_peft_field(key)
+def is_config_key(key: str, kind: str = "sft") -> bool:
+    """A cpuft key, a field of the job kind's TRL config or a field of some PEFT config."""
+    return key in CONFIG_FIELDS or key in passthrough.trl_fields(kind) or peft_config.is_peft_field(key)
 
 
-def typed_config_value(key: str, value: Any, where: str) -> Any:
+def typed_config_value(key: str, value: Any, where: str, kind: str = "sft") -> Any:
     """A config value for `key`, typed; UserError naming `where` for unknown keys or bad values.
 
     PEFT fields are returned as given: their type depends on `peft_method` (resolve_config).
@@ -104,8 +118,8 @@ def typed_config_value(key: str, value: Any, where: str) -> Any:
         return typed_value(key, KEY_TYPES[key], value, where)
     if key == RETIRED_ASSISTANT_ONLY_LOSS:
         return typed_value(key, bool, value, where)
-    if key in passthrough.sft_fields():
-        return passthrough.typed_trl_value(key, value, where)
+    if key in passthrough.trl_fields(kind):
+        return passthrough.typed_trl_value(key, value, where, kind)
     if not peft_config.is_peft_field(key):
         raise UserError(unknown_key_message(key, where))
     peft_config.refuse_peft_key_set_by_cpuft(key, where)
@@ -124,7 +138,8 @@ def unknown_key_message(key: str, where: str) -> str:
 def nearest_key(key: str) -> str | None:
     """The valid key nearest to `key`: in namespace order first (cpuft's keys, then the
     libraries': 'lora_rank' means lora_r, not TrainingArguments' local_rank), then of all."""
-    library_names = list(dict.fromkeys([*passthrough.sft_fields(), *peft_config.peft_field_names()]))
+    library_names = list(dict.fromkeys([*passthrough.trl_fields("dpo"), *passthrough.trl_fields(),
+                                        *peft_config.peft_field_names()]))
     return (
         nearest_name(key, CONFIG_FIELDS, cutoff=0.6)
         or nearest_name(key, library_names, cutoff=0.6)
@@ -145,15 +160,15 @@ def flag_name(key: str) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, kind: str = "sft") -> dict[str, Any]:
     """Read and validate a YAML config; returns only the keys it sets (typed)."""
-    return read_config_values(path)[0]
+    return read_config_values(path, kind)[0]
 
 
-def read_config_values(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+def read_config_values(path: str | Path, kind: str = "sft") -> tuple[dict[str, Any], dict[str, str]]:
     """(typed values, {key: "FILE:LINE"}) of a YAML config file."""
     raw, origins = read_mapping(path)
-    values = {str(key): typed_config_value(key, value, origins[str(key)]) for key, value in raw.items()}
+    values = {str(key): typed_config_value(key, value, origins[str(key)], kind) for key, value in raw.items()}
     return values, origins
 
 
@@ -171,8 +186,10 @@ def resolve_config(
     cli_values: dict[str, Any],
     base: dict[str, Any] | None = None,
     origins: dict[str, str] | None = None,
+    kind: str = "sft",
 ) -> SFTJobConfig:
-    """defaults < base (e.g. a resumed run's saved config) < YAML < CLI, validated whole.
+    """defaults < base (e.g. a resumed run's saved config) < YAML < CLI, validated whole, as a
+    job of `kind` (SFTJobConfig, DPOJobConfig).
 
     `origins` says where each `base` value was set, for messages.
     """
@@ -180,19 +197,21 @@ def resolve_config(
     where: dict[str, str] = {}
     for key, value in (base or {}).items():
         at = (origins or {}).get(key, f"'{key}'")
-        values[key], where[key] = typed_config_value(key, value, at), at
+        values[key], where[key] = typed_config_value(key, value, at, kind), at
     if config_path:
-        file_values, file_origins = read_config_values(config_path)
+        file_values, file_origins = read_config_values(config_path, kind)
         values.update(file_values)
         where.update(file_origins)
     for key, value in cli_values.items():
-        values[key], where[key] = typed_config_value(key, value, flag_name(key)), flag_name(key)
+        values[key], where[key] = typed_config_value(key, value, flag_name(key), kind), flag_name(key)
 
     _read_retired_keys(values, where)
     own = {k: v for k, v in values.items() if k in CONFIG_FIELDS}
-    trl = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k in passthrough.sft_fields()}
+    if kind == "dpo" and "learning_rate" not in own:
+        own["learning_rate"] = DPO_LEARNING_RATE  # cpuft.config.trl_config.CpuftDPOConfig says why
+    trl = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k in passthrough.trl_fields(kind)}
     peft_raw = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k not in trl}
-    config = SFTJobConfig(**own, trl_args=trl, origins=where)
+    config = JOB_CONFIG_CLASSES[kind](**own, trl_args=trl, origins=where)
     if peft_raw:
         config.peft_args = peft_config.typed_peft_values(config.peft_method, peft_raw, where)
     _check_ranges(config)
@@ -201,7 +220,7 @@ def resolve_config(
     # What the libraries (and report_to's integrations) would refuse, checked before anything is
     # written or loaded.
     check_report_integrations(config, where)
-    passthrough.validate_sft_config(config, where)
+    passthrough.validate_trl_config(config, where)
     peft_config.validate_peft_config(config, where)
     return config
 

@@ -1,9 +1,10 @@
-"""TRL's `SFTConfig`, passed through: the fields cpuft's plan and pipeline own, and the others as keys.
+"""TRL's `SFTConfig` (`cpuft sft`) and `DPOConfig` (`cpuft dpo`), passed through: the fields cpuft's
+plan and pipeline own, and the others as keys.
 
-Every SFTConfig field is also a cpuft config key and flag (`max_grad_norm: 0.5`,
-`--max-grad-norm 0.5`), typed by SFTConfig's own annotations (`typed_trl_value`) and validated by
-building the SFTConfig cpuft runs (`validate_sft_config`), so a value TRL would refuse stops the
-job before anything is written or loaded.
+Every field of the job kind's TRL config is also a cpuft config key and flag (`max_grad_norm:
+0.5`, `--max-grad-norm 0.5`, `--beta 0.2` for dpo), typed by the class's own annotations
+(`typed_trl_value`) and validated by building the config cpuft runs (`validate_trl_config`), so
+a value TRL would refuse stops the job before anything is written or loaded.
 
 cpuft's defaults for TRL's fields, with why, are `CpuftSFTConfig`'s own (cpuft.config.trl_config).
 What this module adds is the list of fields cpuft sets itself; setting one is refused with the
@@ -12,8 +13,8 @@ cpuft key to use, so the plan is never contradicted in silence:
   run directory; the evaluation fields eval_steps implies);
 - `TRL_PINNED`: fixed values cpuft's pipeline relies on (CpuftSFTConfig's defaults), with the
   cpuft key that decides each.
-`trl_deviations` puts CpuftSFTConfig's defaults and TRL_PER_RUN together for `cpuft sft --help-trl`
-and the refusals. `sft_config_kwargs` gives the job's values as SFTConfig keyword arguments (the
+`trl_deviations` puts cpuft's defaults and TRL_PER_RUN (and DPO_PER_RUN) together for
+`--help-trl` and the refusals. `trl_config_kwargs` gives the job's values as keyword arguments (the
 run adds the plan's in cpuft.train.trainer_args).
 
 The PEFT config is cpuft.config.peft_config's, report_to's integrations cpuft.config.reporting's.
@@ -100,52 +101,71 @@ TRL_PINNED: dict[str, str] = {
 }
 
 
+# DPOConfig fields cpuft decides per run as well (`cpuft dpo`).
+DPO_PER_RUN: dict[str, Deviation] = {
+    "precompute_ref_log_probs": Deviation(
+        AT_RUN_TIME, "the plan: on when the run passes over its rows more than once (one reference"
+        " pass instead of one per epoch)", None, "the plan",
+    ),
+}
+
+# The job kinds: `cpuft sft` runs TRL's SFTTrainer with SFTConfig, `cpuft dpo` DPOTrainer with DPOConfig.
+JOB_KINDS = ("sft", "dpo")
+
+
+def _library_class(kind: str):
+    from trl import DPOConfig, SFTConfig
+
+    return {"sft": SFTConfig, "dpo": DPOConfig}[kind]
+
+
 @functools.cache
-def trl_deviations() -> dict[str, Deviation]:
-    """cpuft's value for every SFTConfig field it sets, and why: CpuftSFTConfig's defaults (with
-    the key to use for the pinned ones) and TRL_PER_RUN. Imports TRL."""
+def trl_deviations(kind: str = "sft") -> dict[str, Deviation]:
+    """cpuft's value for every field of the job kind's TRL config that it sets, and why: cpuft's
+    class's defaults (with the key to use for the pinned ones) and the per-run fields. Imports TRL."""
     from cpuft.config.trl_config import cpuft_defaults, reason
 
     defaults = {
-        name: Deviation(f.default, reason(f), TRL_PINNED.get(name)) for name, f in cpuft_defaults().items()
+        name: Deviation(f.default, reason(f), TRL_PINNED.get(name)) for name, f in cpuft_defaults(kind).items()
     }
-    return {**defaults, **TRL_PER_RUN}
+    fields = trl_fields(kind)
+    per_run = {**TRL_PER_RUN, **(DPO_PER_RUN if kind == "dpo" else {})}
+    return {**defaults, **{name: d for name, d in per_run.items() if name in fields}}
 
 
 # ----------------------------------------------------------------------------- the fields
 
 
-def sft_config_class():
-    """The SFTConfig cpuft builds: TRL's, with cpuft's defaults (cpuft.config.trl_config)."""
-    from cpuft.config.trl_config import CpuftSFTConfig
+def trl_config_class(kind: str = "sft"):
+    """The TRL config class cpuft builds for the job kind: TRL's, with cpuft's defaults
+    (cpuft.config.trl_config)."""
+    from cpuft.config.trl_config import TRL_CONFIG_CLASSES
 
-    return CpuftSFTConfig
-
-
-def sft_fields() -> dict[str, LibraryField]:
-    """TRL's own SFTConfig fields: their types, TRL's defaults and help."""
-    from trl import SFTConfig
-
-    return fields_of(SFTConfig)
+    return TRL_CONFIG_CLASSES[kind]
 
 
-def typed_trl_value(name: str, value: Any, where: str) -> Any:
-    """The SFTConfig field `name`'s value, set at `where`, typed by its annotation; UserError when
+def trl_fields(kind: str = "sft") -> dict[str, LibraryField]:
+    """TRL's own config fields for the job kind (SFTConfig, DPOConfig): types, TRL's defaults, help."""
+    return fields_of(_library_class(kind))
+
+
+def typed_trl_value(name: str, value: Any, where: str, kind: str = "sft") -> Any:
+    """The TRL config field `name`'s value, set at `where`, typed by its annotation; UserError when
     cpuft sets the field itself (trl_deviations) or the value does not fit."""
-    refuse_if_set_by_cpuft(name, trl_deviations().get(name), "TRL's SFTConfig", where)
-    return sft_fields()[name].typed(value, where)
+    refuse_if_set_by_cpuft(name, trl_deviations(kind).get(name), f"TRL's {_library_class(kind).__name__}", where)
+    return trl_fields(kind)[name].typed(value, where)
 
 
 # ----------------------------------------------------------------------------- building
 
 
-def sft_config_kwargs(config) -> tuple[dict[str, Any], dict[str, str]]:
-    """SFTConfig keyword arguments for the job `config`: its values, without cpuft's defaults
-    (CpuftSFTConfig's own) and the plan's fields (the run adds them).
+def trl_config_kwargs(config) -> tuple[dict[str, Any], dict[str, str]]:
+    """Keyword arguments of the TRL config of the job `config` (its `kind`): its values, without
+    cpuft's defaults (its class's own) and the plan's fields (the run adds them).
 
     Returns (kwargs, source): `source[field]` is the config key a field's value came from.
     """
-    fields = sft_fields()
+    fields = trl_fields(config.kind)
     kwargs: dict[str, Any] = {}
     source: dict[str, str] = {}
     for name in _direct_trl_keys(config):
@@ -173,19 +193,21 @@ def _direct_trl_keys(config) -> list[str]:
 # ----------------------------------------------------------------------------- validation
 
 
-def validate_sft_config(config, origins: dict[str, str]) -> None:
-    """Build the SFTConfig for `config` now, so TRL's and transformers' own checks run before
+def validate_trl_config(config, origins: dict[str, str]) -> None:
+    """Build the TRL config (SFTConfig, DPOConfig) for `config` now, so TRL's and transformers' own checks run before
     anything is written or loaded. The plan's fields get neutral values here (CPU, fp32, no
     checkpointing): the plan is checked by the planner, and bf16 on a CPU without it would make
     TRL refuse a config the plan may well accept."""
     _check_combinations(config, origins)
-    kwargs, source = sft_config_kwargs(config)
+    kwargs, source = trl_config_kwargs(config)
     neutral = dict(
         output_dir="cpuft-validation-never-written", use_cpu=True, bf16=False, fp16=False,
-        activation_checkpointing=False, torch_compile=False, packing=config.packing,
+        activation_checkpointing=False, torch_compile=False,
     )
+    if config.kind == "sft":
+        neutral["packing"] = config.packing
     with _accelerate_state_restored():
-        build_library_config(sft_config_class(), {**kwargs, **neutral}, source, origins)
+        build_library_config(trl_config_class(config.kind), {**kwargs, **neutral}, source, origins)
 
 
 def _check_combinations(config, origins: dict[str, str]) -> None:

@@ -34,6 +34,8 @@ from cpuft.config.choices import (
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_DATASET = "GAIR/lima"
+# `cpuft dpo`'s learning_rate when none is set (cpuft.config.trl_config.CpuftDPOConfig says why).
+DPO_LEARNING_RATE = 5e-5
 
 
 def _key(text: str, default: Any, trl: bool = False) -> Any:

@@ -1,4 +1,5 @@
-"""`CpuftSFTConfig`: TRL's SFTConfig with cpuft's defaults, each with why (its help).
+"""`CpuftSFTConfig` and `CpuftDPOConfig`: TRL's SFTConfig and DPOConfig with cpuft's defaults,
+each with why (its help).
 
 TRL expresses its own deviations from transformers' TrainingArguments this way
 (trl/trainer/sft_config.py overrides `learning_rate`, `logging_steps`, ... with
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers.trainer_utils import SaveStrategy, SchedulerType
-from trl import SFTConfig
+from trl import DPOConfig, SFTConfig
 
-from cpuft.config.sections import key_default
+from cpuft.config.sections import DPO_LEARNING_RATE, key_default
 
 
 def _cpuft_value(default: Any, why: str) -> Any:
@@ -41,8 +42,8 @@ def _job_key(name: str, why: str) -> Any:
 
 
 @dataclass
-class CpuftSFTConfig(SFTConfig):
-    """TRL's SFTConfig as cpuft runs it: cpuft's defaults, each with why (see the module)."""
+class _CpuftTrainingDefaults:
+    """cpuft's defaults for the fields SFTConfig and DPOConfig share (see the module)."""
 
     # cpuft keys of the same name (cpuft.config.sections holds their defaults)
     num_train_epochs: float = _job_key("num_train_epochs", "one pass keeps a first run on a CPU short")
@@ -74,6 +75,12 @@ class CpuftSFTConfig(SFTConfig):
     auto_find_batch_size: bool = _cpuft_value(False, "the memory plan sizes the batch before loading")
     disable_tqdm: bool | None = _cpuft_value(True, "cpuft draws its own progress bar, with tokens/s")
     model_init_kwargs: dict[str, Any] | str | None = _cpuft_value(None, "cpuft loads the model itself")
+
+
+@dataclass
+class CpuftSFTConfig(_CpuftTrainingDefaults, SFTConfig):
+    """TRL's SFTConfig as cpuft runs it: cpuft's defaults, each with why (see the module)."""
+
     dataset_text_field: str = _cpuft_value("text", "cpuft converts every row format itself")
     packing_strategy: str = _cpuft_value("bfd", "bfd keeps samples apart (position_ids restart per sample)")
     padding_free: bool = _cpuft_value(False, "packing is TRL's padding-free bfd path")
@@ -93,14 +100,35 @@ class CpuftSFTConfig(SFTConfig):
         return object.__new__, (SFTConfig,), self.__dict__.copy()
 
 
-def cpuft_defaults() -> dict[str, Any]:
-    """The SFTConfig fields CpuftSFTConfig gives a default of cpuft's: {name: dataclass field}."""
-    own = CpuftSFTConfig.__dict__["__annotations__"]
-    return {f.name: f for f in fields(CpuftSFTConfig) if f.name in own}
+@dataclass
+class CpuftDPOConfig(_CpuftTrainingDefaults, DPOConfig):
+    """TRL's DPOConfig as cpuft runs it (`cpuft dpo`): the same defaults as CpuftSFTConfig where
+    the fields are shared; DPO's own fields keep TRL's defaults (beta 0.1, loss_type sigmoid)."""
+
+    learning_rate: float = _cpuft_value(
+        DPO_LEARNING_RATE, "a LoRA adapter's DPO rate: TRL's 1e-6 is for full fine-tuning, LoRA takes"
+        " ~10x more; SFT's 2e-4 overshoots a preference margin"
+    )
+    padding_free: bool = _cpuft_value(False, "TRL 1.16 turns DPO's padding-free path off (being reworked)")
+
+    def __reduce__(self):
+        # Rebuilt as TRL's DPOConfig (same values): training_args.bin then loads without cpuft.
+        return object.__new__, (DPOConfig,), self.__dict__.copy()
+
+
+TRL_CONFIG_CLASSES = {"sft": CpuftSFTConfig, "dpo": CpuftDPOConfig}
+
+
+def cpuft_defaults(kind: str = "sft") -> dict[str, Any]:
+    """The TRL config fields cpuft's class for the job `kind` gives a default of cpuft's:
+    {name: dataclass field}."""
+    cls = TRL_CONFIG_CLASSES[kind]
+    own = set().union(*(base.__dict__.get("__annotations__", {}) for base in cls.__mro__ if base.__module__ == __name__))
+    return {f.name: f for f in fields(cls) if f.name in own}
 
 
 def cpuft_default_values() -> dict[str, Any]:
-    """{name: cpuft's default} for those fields (for argument classes that are not SFTConfig)."""
+    """{name: cpuft's default} for the SFT fields (for argument classes that are not SFTConfig)."""
     return {name: f.default for name, f in cpuft_defaults().items()}
 
 

@@ -60,20 +60,25 @@ def prepare_dataset(
     from datasets import Dataset
 
     converted, row_format, where = read_and_convert(source, row_format, split, max_samples, revision)
-
-    order = list(range(len(converted)))
-    random.Random(seed).shuffle(order)
-    num_eval = round(len(converted) * eval_fraction) if eval_fraction > 0 and len(converted) >= 10 else 0
-    if eval_fraction > 0 and num_eval == 0 and len(converted) >= 10:
-        num_eval = 1
-    eval_rows = [converted[i] for i in order[:num_eval]]
-    train_rows = [converted[i] for i in order[num_eval:]]
+    train_order, eval_order = split_order(len(converted), eval_fraction, seed)
+    eval_rows = [converted[i] for i in eval_order]
     return PreparedData(
-        train=Dataset.from_list(train_rows),
+        train=Dataset.from_list([converted[i] for i in train_order]),
         eval=Dataset.from_list(eval_rows) if eval_rows else None,
         row_format=row_format,
         source=source,
         num_rows=len(converted),
-        train_where=[where[i] for i in order[num_eval:]],
-        eval_where=[where[i] for i in order[:num_eval]] or None,
+        train_where=[where[i] for i in train_order],
+        eval_where=[where[i] for i in eval_order] or None,
     )
+
+
+def split_order(rows: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) row indices: a seeded shuffle, `eval_fraction` of the rows held out (at least
+    one from 10 rows up, none below 10 rows)."""
+    order = list(range(rows))
+    random.Random(seed).shuffle(order)
+    num_eval = round(rows * eval_fraction) if eval_fraction > 0 and rows >= 10 else 0
+    if eval_fraction > 0 and num_eval == 0 and rows >= 10:
+        num_eval = 1
+    return order[num_eval:], order[:num_eval]

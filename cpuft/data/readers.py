@@ -6,10 +6,13 @@ Owns: telling the source kinds apart, decoding files (strict UTF-8, a leading BO
 JSON parsing, and the messages for unreadable input. Detecting a row's format and converting it
 is `cpuft.data.formats`; splitting is `cpuft.data.prepare`.
 
-Limits: a file is read into memory whole; .json must hold a list of row objects (or
-{"data": [...]}); Hub datasets need network (or the datasets cache) and, when gated, HF_TOKEN;
-only Hub datasets have revisions (`dataset_revision`).
-Every problem is a UserError naming the file and line (or row).
+Limits: a file is read into memory whole (so it must be a regular file: a named pipe, socket or
+device is refused unopened, since the dataset is read more than once); .json must hold a list of
+row objects (or {"data": [...]}); a row may nest at most MAX_NESTING_DEPTH levels of lists and
+objects, and every string in it (keys too) must be text (no lone UTF-16 surrogate, which JSON's
+"\\ud800" escape can write but UTF-8 cannot hold); Hub datasets need network (or the datasets
+cache) and, when gated, HF_TOKEN; only Hub datasets have revisions (`dataset_revision`).
+Every problem is a UserError naming the file and line (or row), and the field where it has one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,6 +34,14 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Binary formats a dataset file is most often mistaken for, by their first bytes.
 _MAGIC_BYTES = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive", b"PAR1": "Parquet",
                 b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+# Levels of lists and objects a row may nest. Real rows nest a handful (messages -> message ->
+# tool call -> arguments); the bound keeps every later walk over a row (format detection, pyarrow,
+# repr in an error message) far from Python's recursion limit.
+MAX_NESTING_DEPTH = 100
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# What a path is when it is neither a regular file nor a directory, by its stat mode.
+_SPECIAL_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,7 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
         raise UserError(
             f"dataset {source} is a directory; point --dataset at a .jsonl, .json or .parquet file in it."
         )
+    _refuse_special_file(path, source)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
@@ -72,6 +86,68 @@ def load_rows(source: str, split: str = "train", revision: str | None = None) ->
     if _looks_local(source):
         raise UserError(f"dataset file {source} does not exist.")
     return _read_hub(source, split, revision)
+
+
+def _refuse_special_file(path: Path, source: str) -> None:
+    """UserError when `path` exists but is not a regular file (a named pipe, socket or device).
+
+    Decided from stat alone: opening a named pipe blocks until a writer comes, and what it gives
+    can be read only once, while cpuft reads the dataset more than once (planning, the run, a
+    resume)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # missing (or unreadable): the callers' own messages say so
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = next((name for is_kind, name in _SPECIAL_FILE_KINDS if is_kind(mode)), "not a regular file")
+    raise UserError(
+        f"dataset {source} is {kind}, not a regular file: cpuft reads the dataset more than once"
+        " (to plan, to train, to resume), which a pipe or device cannot give. Write the data to a"
+        " .jsonl, .json or .parquet file first and pass that file."
+    )
+
+
+def check_row_values(data: Any, where: str) -> None:
+    """UserError naming `where` and the field when the row nests deeper than MAX_NESTING_DEPTH
+    levels or holds a string (value or key) with a lone UTF-16 surrogate.
+
+    Walks the row with an explicit stack, never recursion, so a hostile row cannot exhaust
+    Python's stack here."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, field, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, where, field)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth >= MAX_NESTING_DEPTH:
+            shown = field if len(field) <= 60 else field[:60] + "..."
+            raise UserError(
+                f"{where}: field '{shown}' nests lists and objects deeper than {MAX_NESTING_DEPTH}"
+                " levels; a dataset row holds text, not structures that deep. Fix that row."
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{field}.{key}" if field else str(key)
+                if isinstance(key, str):
+                    _check_text(key, where, f"{name} (the key)")
+                stack.append((item, name, depth + 1))
+        else:
+            stack.extend((item, f"{field}[{index}]", depth + 1) for index, item in enumerate(value))
+
+
+def _check_text(text: str, where: str, field: str) -> None:
+    found = _LONE_SURROGATE.search(text)
+    if found is None:
+        return
+    code = f"\\u{ord(found.group()):04x}"
+    raise UserError(
+        f"{where}: field '{field}' holds a lone UTF-16 surrogate ({code} at character"
+        f" {found.start() + 1}), which is not text (UTF-8 cannot hold it): the JSON was written"
+        " from broken UTF-16 (a cut emoji, say). Remove the escape or write the whole character."
+    )
 
 
 def _looks_local(source: str) -> bool:
@@ -132,17 +208,46 @@ def _read_jsonl(path: Path) -> list[Row]:
             data = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+        except RecursionError:  # the parser recurses once per level of nesting
+            raise _too_deep(where) from None
         if not isinstance(data, dict):
             raise UserError(f"{where}: each line must be a JSON object, got {type(data).__name__}.")
+        check_row_values(data, where)
         rows.append(Row(data, where))
     return rows
 
 
+def _too_deep(where: str) -> UserError:
+    return UserError(
+        f"{where}: the JSON nests lists and objects too deep to parse (a row may nest at most"
+        f" {MAX_NESTING_DEPTH} levels); a dataset row holds text, not structures that deep. Fix that row."
+    )
+
+
+def _first_too_deep_line(text: str) -> int:
+    """The line of `text` (JSON) where nesting first passes a row's MAX_NESTING_DEPTH (plus the
+    file's list around the rows); 1 when no such place is found."""
+    depth = 0
+    # Strings are skipped whole, so brackets inside them do not count.
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_NESTING_DEPTH + 2:
+                return text.count("\n", 0, token.start()) + 1
+        elif bracket in "]}":
+            depth -= 1
+    return 1
+
+
 def _read_json(path: Path) -> list[Row]:
+    text = read_text(path)
     try:
-        data = json.loads(read_text(path))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}).") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise _too_deep(f"{path}:{_first_too_deep_line(text)}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -152,6 +257,7 @@ def _read_json(path: Path) -> list[Row]:
         where = f"{path} row {index}"
         if not isinstance(item, dict):
             raise UserError(f"{where}: each row must be an object, got {type(item).__name__}.")
+        check_row_values(item, where)
         rows.append(Row(item, where))
     return rows
 
@@ -163,7 +269,10 @@ def _read_parquet(path: Path) -> list[Row]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise UserError(f"{path}: cannot read as Parquet ({exc}).") from None
-    return [Row(item, f"{path} row {index}") for index, item in enumerate(table.to_pylist())]
+    rows = [Row(item, f"{path} row {index}") for index, item in enumerate(table.to_pylist())]
+    for row in rows:
+        check_row_values(row.data, row.where)
+    return rows
 
 
 def _read_hub(dataset_id: str, split: str, revision: str | None = None) -> list[Row]:
@@ -180,4 +289,7 @@ def _read_hub(dataset_id: str, split: str, revision: str | None = None) -> list[
             " the local file instead, e.g. --dataset ./lima/train.jsonl (JSONL/JSON/Parquet rows"
             " with a 'conversations' list), or use --dataset sample for the bundled sample."
         ) from None
-    return [Row(dict(item), f"{dataset_id}[{split}] row {index}") for index, item in enumerate(dataset)]
+    rows = [Row(dict(item), f"{dataset_id}[{split}] row {index}") for index, item in enumerate(dataset)]
+    for row in rows:
+        check_row_values(row.data, row.where)
+    return rows

@@ -3,8 +3,9 @@ eval sets with their loss masks.
 
 Owns, for a causal LM (`tokenize_for_causal_lm`):
 - tokenising conversations with the loss mask `loss_on` asks for (cpuft.data.loss_mask), train
-  and eval alike, so the end-of-run eval loss scores the same tokens; plain text and
-  prompt/completion rows that TRL tokenises itself pass through;
+  and eval alike, so the end-of-run eval loss scores the same tokens; plain text rows, which TRL
+  tokenises itself, pass through cut short where they run far past max_length (TRL truncates
+  them to it anyway, after tokenising the whole row: a 50 MB row would take gigabytes);
 - refusing a run that would train on nothing (every reply past max_length) and saying what the
   loss counts and what in the data stops it;
 - the token count the time plan needs (tokens per epoch, mean tokens per row).
@@ -48,6 +49,26 @@ def is_conversational(rows: PreparedData) -> bool:
     return "messages" in rows.train.column_names
 
 
+def _cut_long_texts(dataset, tokenizer, max_length: int):
+    """`dataset` (plain text rows) with each text cut past what its first max_length tokens come
+    from (cpuft.data.loss_mask.text_start): the tokens training sees are unchanged, and tokenising
+    a huge row costs what max_length tokens cost. The same dataset when no row is that long."""
+    if dataset is None or max_length is None or "text" not in dataset.column_names:
+        return dataset
+    from datasets import Dataset
+
+    from cpuft.data.loss_mask import longest_token_chars, text_start
+
+    token_chars = longest_token_chars(tokenizer)
+    texts = list(dataset["text"])
+    cut = [text_start(tokenizer, text, max_length, token_chars) for text in texts]
+    if all(a is b for a, b in zip(cut, texts, strict=True)):
+        return dataset
+    columns = dataset.to_dict()
+    columns["text"] = cut
+    return Dataset.from_dict(columns, features=dataset.features)
+
+
 def tokenize_for_causal_lm(rows: PreparedData, tokenizer, loss_on: str, max_length: int, default_template=None,
                            log=print) -> TrainingSet:
     """`rows` ready for TRL's SFTTrainer on a causal LM (see the module docstring); UserError when
@@ -78,6 +99,8 @@ def tokenize_for_causal_lm(rows: PreparedData, tokenizer, loss_on: str, max_leng
         log(counts.describe())
         for line in counts.warnings():
             log(f"cpuft: warning: {line}")
+    else:
+        train, held_out = (_cut_long_texts(split, tokenizer, max_length) for split in (rows.train, rows.eval))
     tokens, per_row = tokens_per_epoch(train, tokenizer, max_length)
     return TrainingSet(
         train=train, eval=held_out, source=rows.source, row_format=rows.row_format, num_rows=rows.num_rows,

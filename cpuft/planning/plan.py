@@ -127,6 +127,10 @@ class Plan:
     # DDP's gradient all-reduce per optimizer step; set by cpuft.planning.fit.plan_job once the
     # memory plan knows the gradient bytes; None in one process.
     allreduce: AllReduceEstimate | None = None
+    # `cpuft dpo` (cpuft.planning.preference): a batch counts chosen/rejected pairs, and the
+    # reference model's log-probs come from one pass before training or a forward every step.
+    job: str = "sft"
+    precompute_ref_log_probs: bool = False
 
     @property
     def effective_batch_size(self) -> int:
@@ -172,7 +176,8 @@ class Plan:
             "attn_implementation": self.attn_implementation,
             "batch": f"{self.per_device_batch_size} x {self.gradient_accumulation_steps} accumulation"
             f" = {self.effective_batch_size}"
-            + (f" per rank, {self.global_batch_size} global" if self.world_size > 1 else ""),
+            + (f" per rank, {self.global_batch_size} global" if self.world_size > 1 else "")
+            + (" pairs" if self.job == "dpo" else ""),
             "gradient_checkpointing": "on" if self.gradient_checkpointing else "off",
             "packing": "on" if self.packing else "off",
             "length_grouping": "on" if self.length_grouping else "off",
@@ -181,6 +186,8 @@ class Plan:
             "fused_lora": "on" if self.fused_lora else "off",
             "peak_flops": peak,
         }
+        if self.job == "dpo":
+            values["reference"] = "precomputed, one pass" if self.precompute_ref_log_probs else "forward each step"
         if self.allreduce is not None:
             values["allreduce"] = f"{self.allreduce.summary()} per step"
         for name in ("model_class", "task_type", "target_modules"):

@@ -12,7 +12,7 @@ writes no adapter: its checkpoint is what --resume continues from.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,10 @@ class RunResult:
 
 
 def finalize_run(run, trainer, metrics, interrupted: bool, trainable_params: int, uploader=None, log=print) -> RunResult:
-    """Evaluate, save and summarise the trained `run` (cpuft.train.sft.PreparedRun); `metrics`
+    """Evaluate, save and summarise the trained `run` (cpuft.train.prepared.PreparedRun); `metrics`
     is its MetricsCallback, `uploader` its BackgroundUploader with --sync-to."""
     from cpuft.config.passthrough import loads_best_checkpoint
-    from cpuft.train.summary import measured_eval_loss, run_summary
+    from cpuft.train.summary import measured_eval_loss, preference_record, run_summary
 
     run_dir: RunDir = run.run_dir
     eval_loss = None
@@ -63,6 +63,8 @@ def finalize_run(run, trainer, metrics, interrupted: bool, trainable_params: int
         trainable_params=trainable_params, memory_plan=run.preflight.memory_plan, time_estimate=run.time_estimate,
         loss_masks=run.data.loss_masks, default_template=run.data.default_template,
     )
+    if run.job.kind == "dpo":
+        summary = replace(summary, job="dpo", preference=preference_record(trainer, run.job))
     run_dir.write_summary(summary)
     if uploader is not None:
         _make_durable(run_dir, uploader, interrupted, log)

@@ -28,7 +28,7 @@ cannot fit), always before anything is written. Anything else is a failed run (e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from cpuft.config.job import SFTJobConfig
@@ -36,42 +36,15 @@ from cpuft.data.prepare import PreparedData, prepare_dataset
 from cpuft.data.training_set import TrainingSet
 from cpuft.errors import RunFailed
 from cpuft.hardware.probe import Machine
-from cpuft.planning.plan import Plan
 from cpuft.planning.preflight import Preflight, check_fits, estimate_time, preflight
 from cpuft.run_dir import RunDir
 from cpuft.storage import open_writable_store
+from cpuft.train import resume as resuming
 from cpuft.train.distributed import World, bind_to_numa_node
 from cpuft.train.finalize import RunResult, finalize_run
-from cpuft.train import resume as resuming
 from cpuft.train.model_loading import fit_model_to_tokenizer, load_model, resolve_model_path
+from cpuft.train.prepared import PreparedRun, quiet
 from cpuft.train.summary import ModelFacts, trainable_parameter_count
-
-
-@dataclass(frozen=True)
-class PreparedRun:
-    """Everything `prepare_run` validated and loaded: the input of `train_run` (and of the bench)."""
-
-    job: SFTJobConfig
-    machine: Machine
-    world: World
-    run_dir: RunDir
-    resume: bool
-    preflight: Preflight
-    data: TrainingSet
-    tokenizer: Any
-    model: Any  # the base model as loaded, before PEFT wraps it
-    model_facts: ModelFacts
-    time_estimate: Any  # cpuft.planning.cloud.TimeEstimate, or None
-    store: Any  # cpuft.storage.RunStore with --sync-to, else None
-    started: float  # time.perf_counter() when preparation began: summary.json's wall time
-
-    @property
-    def plan(self) -> Plan:
-        return self.preflight.plan
-
-    def with_plan(self, **fields) -> PreparedRun:
-        """This run under its plan with `fields` replaced (the bench measures candidates so)."""
-        return replace(self, preflight=replace(self.preflight, plan=replace(self.plan, **fields)))
 
 
 def prepare_run(job: SFTJobConfig, machine: Machine, resume: bool = False, log=print) -> PreparedRun:
@@ -79,7 +52,7 @@ def prepare_run(job: SFTJobConfig, machine: Machine, resume: bool = False, log=p
     import torch
 
     started, world = time.perf_counter(), World.from_env()
-    log = log if world.is_main else _quiet
+    log = log if world.is_main else quiet
     run_dir = RunDir(job.output_dir) if job.output_dir else RunDir.default()
     if world.is_main:  # the others would see rank 0's files as an occupied directory
         run_dir.check_usable(resume)
@@ -117,20 +90,14 @@ def train_run(run: PreparedRun, show_progress: bool = True, log=print) -> RunRes
     that checkpoint's adapter; a run whose weights turn NaN/inf stops with RunFailed, its last
     good checkpoint kept."""
     from cpuft.storage import BackgroundUploader
-    from cpuft.train.callbacks import (
-        CheckpointOnSignal,
-        MetricsCallback,
-        StopOnNonFiniteWeights,
-        SyncToStore,
-        evaluation_callbacks,
-    )
+    from cpuft.train import callbacks as cb
     from cpuft.train.peft_methods import method_callbacks
 
     main = run.world.is_main
-    log, show_progress = (log, show_progress) if main else (_quiet, False)
-    metrics = MetricsCallback(run.run_dir.metrics_file, show_progress=show_progress)
-    signals, finite = CheckpointOnSignal(), StopOnNonFiniteWeights()
-    callbacks = [metrics, signals, *method_callbacks(run.job), *evaluation_callbacks(run.job), finite]
+    log, show_progress = (log, show_progress) if main else (quiet, False)
+    metrics = cb.MetricsCallback(run.run_dir.metrics_file, show_progress=show_progress)
+    signals, finite = cb.CheckpointOnSignal(), cb.StopOnNonFiniteWeights()
+    callbacks = [metrics, signals, *method_callbacks(run.job), *cb.evaluation_callbacks(run.job), finite]
     trainer = build_trainer(run, callbacks)  # writes nothing: a finished run stays as it was
     resume_from = None
     if run.resume:
@@ -143,7 +110,7 @@ def train_run(run: PreparedRun, show_progress: bool = True, log=print) -> RunRes
         run.run_dir.write_header(run.job, run.machine, run.plan)  # the plan holds the world
         uploader = BackgroundUploader.for_run(run.store, run.run_dir, run.job.save_total_limit) if run.store else None
         if uploader is not None:
-            trainer.add_callback(SyncToStore(uploader, run.run_dir.path))
+            trainer.add_callback(cb.SyncToStore(uploader, run.run_dir.path))
     trainable_params = trainable_parameter_count(trainer.model)
     if resume_from is not None and resuming.steps_done(resume_from) >= (planned := resuming.planned_optimizer_steps(trainer)):
         log(f"{resume_from} holds all {planned} planned steps: nothing to train; its adapter becomes the run's.")
@@ -162,8 +129,10 @@ def train_run(run: PreparedRun, show_progress: bool = True, log=print) -> RunRes
 
 
 def build_trainer(run: PreparedRun, callbacks: list):
-    """The run's trainer (step 6): TRL's SFTTrainer, or the seq2seq variant's Seq2SeqTrainer."""
-    if run.plan.task_type == "SEQ_2_SEQ_LM":
+    """Step 6: TRL's SFTTrainer, Seq2SeqTrainer (seq2seq), or DPOTrainer (cpuft.train.dpo)."""
+    if run.job.kind == "dpo":
+        from cpuft.train.dpo import assemble_dpo_trainer as assemble
+    elif run.plan.task_type == "SEQ_2_SEQ_LM":
         from cpuft.train.seq2seq import assemble_seq2seq_trainer as assemble
     else:
         from cpuft.train.assembly import assemble_sft_trainer as assemble
@@ -193,7 +162,3 @@ def _seq2seq_data(job: SFTJobConfig, checked: Preflight, rows: PreparedData, log
     check_seq2seq_job(job, rows, checked.model_config.model_type)
     tokenizer = load_seq2seq_tokenizer(job, log)
     return tokenizer, tokenize_for_seq2seq(rows, tokenizer, job.max_length)
-
-
-def _quiet(*args, **kwargs) -> None:  # the log of ranks other than 0: rank 0 reports for the job
-    pass

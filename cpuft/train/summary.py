@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cpuft.checkpoints import checkpoint_step
 from cpuft.run_dir import RunDir
-from cpuft.summary import DefaultChatTemplateRecord, EvaluationRecord, LossMaskRecord, Summary
+from cpuft.summary import DefaultChatTemplateRecord, EvaluationRecord, LossMaskRecord, PreferenceRecord, Summary
 
 
 @dataclass(frozen=True)
@@ -182,3 +182,17 @@ def _peak_gpu_memory_bytes() -> int:
     import torch
 
     return torch.cuda.max_memory_allocated()
+
+
+def preference_record(trainer, job):
+    """summary.json's `preference` record of a `cpuft dpo` run: the last held-out evaluation's
+    reward accuracy and margin (TRL's eval_rewards/*), beta, the loss, and where the policy started."""
+    evaluated = [entry for entry in trainer.state.log_history if "eval_rewards/accuracies" in entry]
+    last = evaluated[-1] if evaluated else {}
+    loss_type = trainer.args.loss_type
+    from_run = RunDir(job.model).config_file.is_file()  # cpuft.train.dpo.starting_point reads it so too
+    return PreferenceRecord(
+        eval_reward_accuracy=last.get("eval_rewards/accuracies"), eval_reward_margin=last.get("eval_rewards/margins"),
+        beta=trainer.args.beta, loss_type=",".join(loss_type) if isinstance(loss_type, list) else str(loss_type),
+        starting_point=str(Path(job.model).resolve()) if from_run else "base model",
+    )

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from cpuft.config.library_fields import build_library_config, fields_of
-from cpuft.config.passthrough import sft_config_class, sft_config_kwargs
+from cpuft.config.passthrough import trl_config_class, trl_config_kwargs
 from cpuft.errors import UserError
 from cpuft.run_dir import RunDir
 
@@ -58,10 +58,20 @@ def plan_training_kwargs(config, plan, run_dir: Path) -> dict:
 def build_sft_config(config, plan, run_dir: Path):
     """CpuftSFTConfig (TRL's SFTConfig with cpuft's defaults) for `config` (a
     cpuft.config.job.SFTJobConfig) run under `plan` into `run_dir`."""
-    kwargs, source = sft_config_kwargs(config)
+    kwargs, source = trl_config_kwargs(config)
     kwargs.update(plan_training_kwargs(config, plan, run_dir))
     kwargs.update(packing=plan.packing)  # TRL's "bfd": whole samples per row, padding-free batches
-    return build_library_config(sft_config_class(), kwargs, source, config.origins)
+    return build_library_config(trl_config_class(), kwargs, source, config.origins)
+
+
+def build_dpo_config(config, plan, run_dir: Path):
+    """CpuftDPOConfig (TRL's DPOConfig with cpuft's defaults) for the `cpuft dpo` job `config` run
+    under `plan` into `run_dir`; the reference log-probs are precomputed when the plan says so."""
+    kwargs, source = trl_config_kwargs(config)
+    kwargs.update(plan_training_kwargs(config, plan, run_dir))
+    if "precompute_ref_log_probs" not in config.trl_args:
+        kwargs["precompute_ref_log_probs"] = plan.precompute_ref_log_probs
+    return build_library_config(trl_config_class("dpo"), kwargs, source, config.origins)
 
 
 def seq2seq_refusal(config) -> str | None:
@@ -90,7 +100,7 @@ def build_seq2seq_args(config, plan, run_dir: Path):
     refusal = seq2seq_refusal(config)
     if refusal:  # cpuft.train.seq2seq checks this in setup, before anything is written
         raise UserError(refusal)
-    kwargs, source = sft_config_kwargs(config)
+    kwargs, source = trl_config_kwargs(config)
     kwargs = {**cpuft_default_values(), **kwargs}
     fields = fields_of(Seq2SeqTrainingArguments)
     kwargs = {name: value for name, value in kwargs.items() if name in fields}
@@ -133,14 +143,14 @@ def set_reporting_environment(report_to, run_dir: Path) -> None:
 
     from huggingface_hub import is_offline_mode
 
-    env, notes = reporting_environment(report_to, run_dir, os.environ, is_offline_mode(), _reachable)
+    env, notes = reporting_environment(report_to, run_dir, os.environ, is_offline_mode(), reachable)
     os.environ.update(env)
     if os.environ.get("RANK", "0") == "0":
         for note in notes:
             print(f"cpuft: {note}", file=sys.stderr, flush=True)
 
 
-def _reachable(url: str, timeout: float = 3.0) -> bool:
+def reachable(url: str, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to `url`'s host opens within `timeout` seconds."""
     import socket
     from urllib.parse import urlparse
