@@ -262,3 +262,21 @@ def test_sft_on_a_named_pipe_exits_2_before_writing(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     assert_refused(run_sft_cli(tiny_model_dir, fifo, out), out, f"dataset {fifo} is a named pipe (FIFO)",
                    "Write the data to a .jsonl, .json or .parquet file first")
+
+
+def test_cpuft_plans_token_count_cuts_a_huge_conversation_before_tokenising_it(tokenizer):
+    from datasets import Dataset
+
+    from cpuft.data.training_set import tokens_per_epoch
+
+    huge = [{"role": "user", "content": "Tell me everything."}, {"role": "assistant", "content": words(600_000, seed=3)}]
+    short = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    counting = CountingTokenizer(tokenizer)
+    # `cpuft plan` counts conversations untokenised (the trainer's rows are pre-tokenised).
+    tokens, _ = tokens_per_epoch(Dataset.from_list([{"messages": short}, {"messages": huge}]), counting, 128)
+    assert counting.longest_text < 100_000, counting.longest_text  # before: the whole ~3 MB conversation
+    short_tokens = len(tokenizer.apply_chat_template(short, tokenize=True, return_dict=False))
+    assert tokens == short_tokens + 128
+    # Plain text rows alike (before: tokenised whole through the tokenizer's own call).
+    tokens, _ = tokens_per_epoch(Dataset.from_list([{"text": words(600_000, seed=4)}]), counting, 128)
+    assert counting.longest_text < 100_000 and tokens == 128

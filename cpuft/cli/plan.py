@@ -191,7 +191,7 @@ def _count_dataset_tokens(config) -> tuple[int, float]:
     from cpuft.data.chat_template import install_default_chat_template
     from cpuft.data.prepare import prepare_dataset
     from cpuft.modeling import pretrained_kwargs
-    from cpuft.planning.cloud import tokens_per_epoch
+    from cpuft.data.training_set import tokens_per_epoch
 
     data = prepare_dataset(
         config.dataset, row_format=config.dataset_format, split=config.dataset_split,

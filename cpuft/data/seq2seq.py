@@ -81,11 +81,15 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     )
 
 
-def tokenize_pair(tokenizer, messages: list[dict], target: str, max_length: int) -> dict:
-    """{"input_ids", "attention_mask", "labels"} for one pair, each truncated to `max_length`."""
-    prompt = tokenizer(
-        render_prompt(tokenizer, messages), add_special_tokens=False, truncation=True, max_length=max_length
-    )
+def tokenize_pair(tokenizer, messages: list[dict], target: str, max_length: int, token_chars: int | None = None) -> dict:
+    """{"input_ids", "attention_mask", "labels"} for one pair, each truncated to `max_length`. Text
+    past what the first max_length tokens come from is cut before tokenising (a huge row costs what
+    max_length tokens cost; cpuft.data.loss_mask.text_start; `token_chars`: its longest_token_chars)."""
+    from cpuft.data.loss_mask import text_start
+
+    prompt_text = text_start(tokenizer, render_prompt(tokenizer, messages), max_length, token_chars)
+    prompt = tokenizer(prompt_text, add_special_tokens=False, truncation=True, max_length=max_length)
+    target = text_start(tokenizer, target, max_length, token_chars)
     labels = list(tokenizer(text_target=target, truncation=True, max_length=max_length)["input_ids"])
     eos = tokenizer.eos_token_id
     if not labels or labels[-1] != eos:
@@ -95,4 +99,7 @@ def tokenize_pair(tokenizer, messages: list[dict], target: str, max_length: int)
 
 def tokenize_pairs(rows, tokenizer, max_length: int) -> list[dict]:
     """Every converted row of `rows` as a tokenised pair (see tokenize_pair)."""
-    return [tokenize_pair(tokenizer, *split_pair(row), max_length) for row in rows]
+    from cpuft.data.loss_mask import longest_token_chars
+
+    token_chars = longest_token_chars(tokenizer) if getattr(tokenizer, "is_fast", False) else None
+    return [tokenize_pair(tokenizer, *split_pair(row), max_length, token_chars) for row in rows]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cpuft.data.loss_mask import longest_token_chars, text_start
 from cpuft.data.prepare import PreparedData
 from cpuft.errors import UserError
 
@@ -57,8 +58,6 @@ def _cut_long_texts(dataset, tokenizer, max_length: int):
         return dataset
     from datasets import Dataset
 
-    from cpuft.data.loss_mask import longest_token_chars, text_start
-
     token_chars = longest_token_chars(tokenizer)
     texts = list(dataset["text"])
     cut = [text_start(tokenizer, text, max_length, token_chars) for text in texts]
@@ -76,7 +75,6 @@ def tokenize_for_causal_lm(rows: PreparedData, tokenizer, loss_on: str, max_leng
     from datasets import Dataset
 
     from cpuft.data.loss_mask import tokenize_conversations
-    from cpuft.planning.cloud import tokens_per_epoch
 
     train, held_out, loss_masks = rows.train, rows.eval, {}
     if is_conversational(rows):
@@ -107,3 +105,35 @@ def tokenize_for_causal_lm(rows: PreparedData, tokenizer, loss_on: str, max_leng
         tokens_per_epoch=tokens, mean_tokens_per_row=per_row, loss_masks=loss_masks,
         default_template=default_template,
     )
+
+
+def count_training_tokens(dataset, tokenizer, max_length: int) -> int:
+    """Tokens the trainer will see in one epoch: each conversation through the chat template (or
+    its pre-tokenised `input_ids`), truncated to max_length (as TRL truncates). Padding is not
+    counted: it is not trained on."""
+    token_chars = longest_token_chars(tokenizer)
+    total = 0
+    for row in dataset:
+        if "input_ids" in row:
+            total += min(len(row["input_ids"]), max_length)
+            continue
+        if "messages" in row and row["messages"] is not None and tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        else:
+            text = row.get("text", "")
+        # Only the first max_length tokens count: a 50 MB row is cut before it is tokenised.
+        ids = tokenizer(text_start(tokenizer, text, max_length, token_chars), add_special_tokens=False)["input_ids"]
+        total += min(len(ids), max_length)
+    return total
+
+
+# Rows tokenized to size an epoch before training; the rest is extrapolated (tokenizing every row
+# of a large dataset would delay the start for a planning figure).
+TOKEN_COUNT_SAMPLE_ROWS = 2000
+
+
+def tokens_per_epoch(dataset, tokenizer, max_length: int) -> tuple[int, float]:
+    """(trained tokens per epoch, mean tokens per row), from the first TOKEN_COUNT_SAMPLE_ROWS rows."""
+    sample = dataset.select(range(min(len(dataset), TOKEN_COUNT_SAMPLE_ROWS)))
+    per_row = count_training_tokens(sample, tokenizer, max_length) / max(1, len(sample))
+    return round(per_row * len(dataset)), per_row

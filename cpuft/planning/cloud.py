@@ -304,36 +304,6 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def count_training_tokens(dataset, tokenizer, max_length: int) -> int:
-    """Tokens the trainer will see in one epoch: each conversation through the chat template (or
-    its pre-tokenised `input_ids`), truncated to max_length (as TRL truncates). Padding is not
-    counted: it is not trained on."""
-    total = 0
-    for row in dataset:
-        if "input_ids" in row:
-            ids = row["input_ids"]
-        elif "messages" in row and row["messages"] is not None and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(row.get("text", ""))["input_ids"]
-        total += min(len(ids), max_length)
-    return total
-
-
-# Rows tokenized to size an epoch before training; the rest is extrapolated (tokenizing every row
-# of a large dataset would delay the start for a planning figure).
-TOKEN_COUNT_SAMPLE_ROWS = 2000
-
-
-def tokens_per_epoch(dataset, tokenizer, max_length: int) -> tuple[int, float]:
-    """(trained tokens per epoch, mean tokens per row), from the first TOKEN_COUNT_SAMPLE_ROWS rows."""
-    sample = dataset.select(range(min(len(dataset), TOKEN_COUNT_SAMPLE_ROWS)))
-    per_row = count_training_tokens(sample, tokenizer, max_length) / max(1, len(sample))
-    return round(per_row * len(dataset)), per_row
-
-
 def planned_epochs(max_steps: int, effective_batch_size: int, rows_per_epoch: float, num_train_epochs: float) -> float:
     """Epochs the run will cover: max_steps (when set, > 0) wins over num_train_epochs, as in the Trainer."""
     if max_steps > 0:

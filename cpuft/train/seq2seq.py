@@ -55,7 +55,7 @@ def tokenize_for_seq2seq(rows: PreparedData, tokenizer, max_length: int) -> Trai
     """Every row as a prompt/target pair (labels = target + EOS), train and eval."""
     from datasets import Dataset
 
-    from cpuft.planning.cloud import tokens_per_epoch
+    from cpuft.data.training_set import tokens_per_epoch
 
     tokens, per_row = tokens_per_epoch(rows.train, tokenizer, max_length)
     return TrainingSet(
