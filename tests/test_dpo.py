@@ -103,22 +103,55 @@ def test_dpo_raises_the_margin_on_held_out_pairs_checked_with_stock_peft(tiny_mo
     assert plan["job"] == "dpo" and plan["per_device_batch_size"] == 4
 
 
-def test_dpo_from_an_sft_run_starts_from_the_merged_sft_model(qa_run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def dpo_from_sft(qa_run_dir, tmp_path_factory) -> Path:
     rows = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}.", "rejected": f"{a} plus {b} is {a + b + 1}."}
             for a in range(2, 7) for b in range(3, 6)]
-    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    run_dir = tmp_path / "dpo"
+    where = tmp_path_factory.mktemp("dpo_from_sft")
+    data = write_jsonl(where / "prefs.jsonl", rows)
+    run_dir = where / "dpo"
     result = run_cpuft("dpo", "--model", qa_run_dir, "--dataset", data, "--output-dir", run_dir, "--max-steps", "2",
-                       "--beta", "0.3", "--loss-type", "ipo", *DPO_FLAGS)
+                       "--learning-rate", "5e-3", "--beta", "0.3", "--loss-type", "ipo", *DPO_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"starting point: the SFT run {qa_run_dir}" in result.stdout
-    summary = json.loads((run_dir / "summary.json").read_text())
+    return run_dir
+
+
+def test_dpo_from_an_sft_run_starts_from_the_merged_sft_model(qa_run_dir, dpo_from_sft):
+    summary = json.loads((dpo_from_sft / "summary.json").read_text())
     assert summary["preference"]["starting_point"] == str(qa_run_dir)
     assert (summary["preference"]["beta"], summary["preference"]["loss_type"]) == (0.3, "ipo")
     # The first step's reference is the SFT model itself: the policy starts equal to it, so the
     # logged reward (beta x log-ratio to the reference) is 0 before any update.
-    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    first = json.loads((dpo_from_sft / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+
+
+def test_cpufts_loading_of_a_dpo_run_from_an_sft_run_is_the_stacked_model(qa_model_dir, qa_run_dir, dpo_from_sft):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpuft.inference.loading import load_for_inference, resolve_source
+
+    loaded = load_for_inference(resolve_source(str(dpo_from_sft)), dtype="fp32")
+    # Stock PEFT, by hand: the SFT adapter merged into the base, then the DPO adapter on top.
+    tokenizer = AutoTokenizer.from_pretrained(dpo_from_sft / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(qa_model_dir, dtype="float32")
+    sft = PeftModel.from_pretrained(base, qa_run_dir / "adapter").merge_and_unload()
+    stacked = PeftModel.from_pretrained(sft, dpo_from_sft / "adapter").eval()
+    ids = torch.tensor([tokenizer("What is 3 plus 4?")["input_ids"]])
+    with torch.no_grad():
+        expected, got = stacked(ids).logits, loaded.model(ids).logits
+        without_sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qa_model_dir, dtype="float32"),
+                                                dpo_from_sft / "adapter").eval()(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (without_sft - expected).abs().max().item() > 1e-3  # the SFT adapter matters: the check is not vacuous
+
+
+def test_serve_refuses_a_stacked_dpo_adapter_among_several(qa_run_dir, dpo_from_sft):
+    result = run_cpuft("serve", f"sft={qa_run_dir}", f"dpo={dpo_from_sft}", "--port", "0")
+    assert result.returncode == 2 and "on top of the SFT run" in result.stderr, result.stderr[-2000:]
 
 
 def test_the_plan_counts_pairs_and_precomputes_the_reference_when_the_run_repeats_its_rows(tiny_model_dir, pairs, tmp_path):

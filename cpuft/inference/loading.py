@@ -4,7 +4,8 @@ merged model, the tokenizer, and the precision asked for. Generating text is
 
 What `--model` may name (`resolve_source`):
 - a cpuft run directory (has config.yaml / summary.json): its adapter/ is used;
-- an adapter directory (adapter_config.json: a run's adapter/ or any checkpoint-N/);
+- an adapter directory (adapter_config.json: a run's adapter/ or any checkpoint-N/); a `cpuft dpo`
+  run started from an SFT run is that run's adapter merged into the base, then its own on top;
 - a model directory or Hub id (config.json): a merged model or any stock causal LM.
 
 Adapters: whatever PEFT method adapter_config.json's `peft_type` names, loaded by stock PEFT
@@ -65,6 +66,9 @@ class ModelSource:
     adapter_dir: Path | None = None
     revision: str | None = None  # of `model` on the Hub; an adapter's is recorded in adapter_config.json
     trust_remote_code: bool = False  # run the Python code `model`'s repository ships (--trust-remote-code)
+    # A `cpuft dpo` run started from an SFT run: that run's adapter, merged into the base first
+    # (the DPO adapter was trained on the SFT model).
+    merged_first: Path | None = None
 
     def pretrained_kwargs(self) -> dict[str, Any]:
         """from_pretrained arguments for `model`: its revision and the remote-code switch."""
@@ -78,7 +82,8 @@ class ModelSource:
 
     def describe(self) -> str:
         if self.kind == "adapter":
-            return f"{self.model} + adapter {self.adapter_dir}"
+            first = f" + merged adapter {self.merged_first}" if self.merged_first else ""
+            return f"{self.model}{first} + adapter {self.adapter_dir}"
         return self.model
 
 
@@ -113,7 +118,8 @@ def resolve_source(
         # records it), unless --base names another model.
         recorded = None if base else _read_adapter_config(path).get("revision")
         return ModelSource("adapter", given, _adapter_base(path, base), adapter_dir=path.resolve(),
-                           revision=revision or recorded, trust_remote_code=trust_remote_code)
+                           revision=revision or recorded, trust_remote_code=trust_remote_code,
+                           merged_first=None if base else starting_adapter(path))
     if path.is_dir() and (path / "config.json").is_file():
         if base:
             raise UserError(f"{given} is a full model (config.json, no {ADAPTER_CONFIG}); --base is only for adapters.")
@@ -128,6 +134,28 @@ def resolve_source(
         raise UserError(f"model {given} does not exist.")
     # A Hub id; loading says whether it is reachable.
     return ModelSource("model", given, given, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def starting_adapter(adapter_dir: Path) -> Path | None:
+    """The SFT adapter a `cpuft dpo` adapter (its run's adapter/ or a checkpoint-N/) was trained on
+    top of: its run's config.yaml names an SFT run directory as `model` (cpuft.train.dpo). None
+    for any other adapter."""
+    from cpuft.config.yaml_file import read_mapping
+
+    run = RunDir(adapter_dir.resolve().parent)
+    if not run.config_file.is_file():
+        return None
+    try:
+        started_from = read_mapping(run.config_file)[0].get("model")
+    except UserError:
+        return None
+    first = RunDir(Path(str(started_from))).adapter_dir if started_from else None
+    if first is None or not RunDir(first.parent).config_file.is_file():
+        return None  # a base model: a plain adapter
+    if not (first / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{adapter_dir} was trained on top of the SFT run {first.parent}, whose adapter"
+                        f" ({first}) is gone: restore that run, or pass --base with a merged SFT model.")
+    return first
 
 
 def _no_adapter_message(run_dir: Path) -> str:
@@ -244,6 +272,9 @@ def load_for_inference(
     unmerged_adapter = False
     if source.kind == "adapter":
         grow_embeddings_to_tokenizer(model, tokenizer)
+        if source.merged_first is not None:  # the SFT model the DPO adapter was trained on
+            check_adapter_fits(source.merged_first, model)
+            model = apply_adapter(model, source.merged_first).merge_and_unload()
         check_adapter_fits(source.adapter_dir, model)
         model = apply_adapter(model, source.adapter_dir)
         if model.active_peft_config.is_prompt_learning:
