@@ -18,6 +18,18 @@ request count is fixed, and every request has a timeout.
 
   python scripts/bench_serve.py                           # cpuft serve, batch 1 and 8, 1/4/16 clients
   python scripts/bench_serve.py --url http://127.0.0.1:8001 --model-name /path/to/model
+
+Several adapters (issue 24): `--adapters 1 4` serves the model with 1 and then 4 random LoRA
+adapters (r 16, every linear layer; built once with PEFT, no training) in adapters mode and sends
+the requests round-robin over the adapters, so batches mix them; `--rss` compares the peak RSS
+(VmHWM) of one server holding four adapters with the sum of four single-adapter servers;
+`--int8-shapes` measures bf16 against --int8 at Qwen2.5-0.5B's shapes (random weights, built
+locally from its config: cpuft.bench.sizes "qwen0.5b"): prefill and decode tokens/s and greedy
+agreement, each precision in its own process.
+
+  python scripts/bench_serve.py --adapters 1 4 --batch-sizes 8 --serve-args "--threads 2"
+  python scripts/bench_serve.py --rss
+  python scripts/bench_serve.py --int8-shapes
 """
 
 from __future__ import annotations
@@ -53,12 +65,36 @@ def main() -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="cpuft serve --max-batch-size values to compare")
     parser.add_argument("--serve-args", default="", help="extra cpuft serve flags, e.g. '--dtype bf16'")
     parser.add_argument("--out", default=None, help="JSON results (default WORK_DIR/results-<time>.json)")
+    parser.add_argument("--adapters", type=int, nargs="+", default=None, help="serve this many random LoRA adapters (adapters mode)")
+    parser.add_argument("--rss", action="store_true", help="peak RSS: one server with 4 adapters vs 4 single-adapter servers")
+    parser.add_argument("--int8-shapes", action="store_true", help="bf16 vs int8 at Qwen2.5-0.5B shapes: prefill/decode tokens/s, greedy agreement")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="with --int8-shapes: torch thread counts to compare")
+    parser.add_argument("--repeats", type=int, default=2, help="with --int8-shapes: interleaved rounds (default %(default)s)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        print(json.dumps(precision_worker(Path(args.model), args.worker, args.worker_threads)))
+        return 0
+    if args.int8_shapes:
+        return int8_shapes(work, args.threads, args.repeats)
     rows = []
-    if args.url:
+    if args.rss:
+        model = Path(args.model) if args.model else build_100m_model(work / "model-100m")
+        return rss_comparison(model, random_adapters(model, work, 4), args.serve_args)
+    if args.adapters:
+        model = Path(args.model) if args.model else build_100m_model(work / "model-100m")
+        for count in args.adapters:
+            adapters = random_adapters(model, work, count)
+            specs = [f"{path.name}={path}" for path in adapters]
+            for batch in args.batch_sizes:
+                with serving(specs, batch, max(args.clients), args.serve_args) as url:
+                    names = [path.name for path in adapters]
+                    rows += run_levels(url, names, args, label=f"{count} adapter{'s' * (count > 1)}, batch <= {batch}", pid=serving.pid)
+    elif args.url:
         rows += run_levels(args.url.rstrip("/"), args.model_name, args, label=args.label, pid=args.pid)
     else:
         model = Path(args.model) if args.model else build_100m_model(work / "model-100m")
@@ -69,6 +105,138 @@ def main() -> int:
     out = Path(args.out) if args.out else work / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nwritten: {out}", file=sys.stderr)
+    return 0
+
+
+def random_adapters(model: Path, work: Path, count: int) -> list[Path]:
+    """`count` random LoRA adapters on `model` (r 16, alpha 32, every linear layer), built once:
+    random B as well as A, so each changes the model's outputs as a trained one would."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = [work / f"adapter-{i}" for i in range(count)]
+    for i, path in enumerate(paths):
+        if (path / "adapter_model.safetensors").is_file():
+            continue
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+        peft_model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(model).save_pretrained(path)
+    return paths
+
+
+def vm_hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_comparison(model: Path, adapters: list[Path], extra: str) -> int:
+    """Peak RSS after one request per adapter: one server with all of them, then one server each."""
+    def measure(specs: list[str]) -> float:
+        with serving(specs, 4, 4, extra) as url:
+            for name in [spec.split("=", 1)[0] for spec in specs]:
+                one(url, name, prompt(0, 16), 8)
+            return vm_hwm_mib(serving.pid)
+
+    together = measure([f"{p.name}={p}" for p in adapters])
+    apart = [measure([f"{p.name}={p}"]) for p in adapters]
+    print("| servers | adapters each | peak RSS MiB (sum) |")
+    print("|---|---:|---:|")
+    print(f"| 1 | {len(adapters)} | {together:.0f} |")
+    print(f"| {len(apart)} | 1 | {sum(apart):.0f} ({' + '.join(f'{r:.0f}' for r in apart)}) |")
+    return 0
+
+
+def precision_worker(model: Path, precision: str, threads: int) -> dict:
+    """One precision in this process, `threads` torch threads: load as `cpuft serve` would (timed:
+    int8 includes quantising), then, each timed 3 times after a warm-up (median kept), a 128-token
+    prefill (one forward) and 32 greedy decode steps with the KV cache (one forward of one token
+    each, the cache carried over, as `generate` does: no prompt in the timed part). Returns the
+    greedy tokens for the agreement check."""
+    import torch
+
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.inference.int8 import default_int8_method
+    from cpuft.inference.loading import load_for_inference, resolve_source
+
+    torch.set_num_threads(threads)
+    method = default_int8_method(probe_machine()) if precision == "int8" else None
+    start = time.perf_counter()
+    loaded = load_for_inference(resolve_source(str(model)), dtype="fp32" if precision == "int8" else precision, int8=method)
+    load_s = time.perf_counter() - start
+    torch.manual_seed(0)
+    prompt = torch.randint(10, 4000, (1, 128))
+    steps = 32
+    with torch.inference_mode():
+        def prefill():
+            loaded.model(input_ids=prompt, use_cache=False)
+
+        def decode() -> list[int]:
+            out = loaded.model(input_ids=prompt[:, :16], use_cache=True)
+            cache, token, tokens = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
+            started = time.perf_counter()
+            for _ in range(steps):
+                tokens.append(int(token))
+                out = loaded.model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            decode.seconds = time.perf_counter() - started
+            return tokens
+
+        prefill(), decode()  # warm-up: first-call allocations, oneDNN primitive creation
+        prefill_s = statistics.median(_timed(prefill) for _ in range(3))
+        decode_s = []
+        for _ in range(3):
+            tokens = decode()
+            decode_s.append(decode.seconds)
+    return {"precision": loaded.precision, "threads": threads, "load_s": round(load_s, 1),
+            "prefill_tokens_per_s": round(128 / prefill_s, 1), "decode_tokens_per_s": round(steps / statistics.median(decode_s), 1),
+            "load_average_1min": os.getloadavg()[0], "tokens": tokens}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def int8_shapes(work: Path, threads_list: list[int], repeats: int) -> int:
+    """fp32, bf16 and int8 (each in its own process) at Qwen2.5-0.5B shapes, interleaved: for each
+    repeat, every thread count, every precision, so a neighbour's burst of load hits them alike.
+    Prints every run, then the medians, and the greedy agreement with fp32's tokens."""
+    from cpuft.bench.orchestrator import bench_model
+    from cpuft.bench.sizes import SIZES
+
+    model = bench_model(work, "qwen0.5b", SIZES["qwen0.5b"], lambda m: print(m, file=sys.stderr))
+    runs: list[dict] = []
+    for repeat in range(repeats):
+        for threads in threads_list:
+            for precision in ("fp32", "bf16", "int8"):
+                out = subprocess.run([sys.executable, __file__, "--worker", precision, "--worker-threads", str(threads),
+                                      "--model", str(model), "--work-dir", str(work)],
+                                     capture_output=True, text=True, timeout=1200, check=False)
+                if out.returncode != 0:
+                    raise SystemExit(out.stderr[-3000:])
+                run = {"repeat": repeat, "kind": precision, **json.loads(out.stdout.strip().splitlines()[-1])}
+                print(json.dumps({k: v for k, v in run.items() if k != "tokens"}), file=sys.stderr, flush=True)
+                runs.append(run)
+    (work / f"precision-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(runs, indent=2) + "\n")
+    reference = next(r["tokens"] for r in runs if r["kind"] == "fp32")
+    print("| precision | threads | load s (median) | prefill tokens/s (128-token prompt; median) | decode tokens/s (batch 1; median)"
+          " | runs | greedy tokens equal to fp32's before the first difference |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for threads in threads_list:
+        for kind in ("fp32", "bf16", "int8"):
+            mine = [r for r in runs if r["kind"] == kind and r["threads"] == threads]
+            same = next((i for i, (a, b) in enumerate(zip(mine[0]["tokens"], reference)) if a != b), len(reference))
+            print(f"| {mine[0]['precision']} | {threads} | {statistics.median(r['load_s'] for r in mine):.1f}"
+                  f" | {statistics.median(r['prefill_tokens_per_s'] for r in mine):.1f}"
+                  f" ({', '.join(str(r['prefill_tokens_per_s']) for r in mine)})"
+                  f" | {statistics.median(r['decode_tokens_per_s'] for r in mine):.1f}"
+                  f" ({', '.join(str(r['decode_tokens_per_s']) for r in mine)}) | {len(mine)} | {same}/{len(reference)} |")
     return 0
 
 
@@ -87,8 +255,9 @@ class serving:
 
     pid: int | None = None  # of the server running now
 
-    def __init__(self, model: Path, batch: int, clients: int, extra: str):
-        self.command = [sys.executable, "-m", "cpuft", "serve", str(model), "--port", "0", "--log-level", "warning",
+    def __init__(self, model: Path | list[str], batch: int, clients: int, extra: str):
+        models = [str(model)] if isinstance(model, Path) else list(model)
+        self.command = [sys.executable, "-m", "cpuft", "serve", *models, "--port", "0", "--log-level", "warning",
                         "--max-batch-size", str(batch), "--max-queue", str(max(clients, 1)), *extra.split()]
 
     def __enter__(self) -> str:
@@ -129,11 +298,13 @@ def prompt(i: int, words: int) -> str:
     return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(words)) + f" (request {i})"
 
 
-def run_levels(url: str, model_name: str | None, args, label: str, pid: int | None) -> list[dict]:
+def run_levels(url: str, model_name: str | list[str] | None, args, label: str, pid: int | None) -> list[dict]:
+    """`model_name` a list: the requests go round-robin over those models (adapters)."""
     wait_healthy(url)
-    name = model_name or httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-    one(url, name, prompt(-1, args.prompt_words), args.max_tokens)  # warm-up: first-call allocations, lazy imports
-    return [level(url, name, clients, args, label, pid) for clients in args.clients]
+    names = model_name if isinstance(model_name, list) else [model_name or httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]]
+    for name in names:
+        one(url, name, prompt(-1, args.prompt_words), args.max_tokens)  # warm-up: first-call allocations, lazy imports
+    return [level(url, names, clients, args, label, pid) for clients in args.clients]
 
 
 def process_tree_cpu_seconds(pid: int) -> float:
@@ -168,7 +339,7 @@ def one(url: str, name: str, text: str, max_tokens: int, http: httpx.Client | No
     return response.status_code, tokens, elapsed
 
 
-def level(url: str, name: str, clients: int, args, label: str, pid: int | None) -> dict:
+def level(url: str, names: list[str], clients: int, args, label: str, pid: int | None) -> dict:
     total = max(args.requests, 2 * clients)
     queue = list(range(total))
     lock = threading.Lock()
@@ -181,7 +352,7 @@ def level(url: str, name: str, clients: int, args, label: str, pid: int | None) 
                     if not queue:
                         return
                     i = queue.pop()
-                outcome = one(url, name, prompt(i, args.prompt_words), args.max_tokens, http)
+                outcome = one(url, names[i % len(names)], prompt(i, args.prompt_words), args.max_tokens, http)
                 with lock:
                     results.append(outcome)
 

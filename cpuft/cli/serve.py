@@ -1,8 +1,9 @@
 """`cpuft serve`: load a fine-tune once and answer OpenAI-style HTTP requests (FastAPI + uvicorn).
 
 Parses and checks the flags, loads the model the way `cpuft generate` does (probe, plan, resolve,
-load; the adapter is always merged), then hands off to cpuft.serve. Binds 127.0.0.1 unless told
-otherwise.
+load; one MODEL's adapter is merged), or, for several adapters (`cpuft serve RUN_A RUN_B`,
+`cpuft serve a=RUN_A`), the base once with every adapter unmerged on it (cpuft.serve.adapters),
+then hands off to cpuft.serve. Binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from cpuft.errors import UserError
 
 API_KEY_ENV = "CPUFT_API_KEY"
 
+USAGE = """%(prog)s [-h] [options] MODEL
+       %(prog)s [-h] [options] [NAME=]ADAPTER [[NAME=]ADAPTER ...]"""
+
 EPILOG = f"""\
 MODEL takes: a cpuft run directory (uses its adapter/, merged into the base at load), an adapter
 directory (adapter/ or checkpoint-N/), a merged model directory (`cpuft merge`), or any causal
@@ -26,10 +30,17 @@ LM directory / Hub id. Every adapter `cpuft sft` trains loads; prompt, prefix an
 adapters (virtual tokens) stay unmerged. --dtype auto picks fp32 on AVX2-only CPUs, bf16 on AMX /
 AVX-512-BF16 CPUs; --int8 quantises the linear layers (docs/int8.md).
 
+Several LoRA adapters of one base model in one process: `cpuft serve RUN_A RUN_B` (served under
+each run directory's name) or `cpuft serve a=RUN_A b=RUN_B` (named; also for one adapter). The
+base is loaded once, the adapters stay unmerged, a request's "model" picks its adapter, and
+requests for different adapters are batched together. Adapters of different base models are
+refused. With --api-key, POST /v1/load_lora_adapter {{"lora_name", "lora_path"}} and
+/v1/unload_lora_adapter {{"lora_name"}} add and remove adapters while it runs.
+
 API (OpenAI's wire format; docs/serve.md lists the fields):
   POST /v1/chat/completions   messages -> reply; "stream": true for server-sent events
   POST /v1/completions        prompt (plain text, no chat template) -> continuation
-  GET  /v1/models             the one model served, under --served-model-name
+  GET  /v1/models             the models served (--served-model-name, or each adapter's name)
   GET  /health                status, queue and counters (no API key needed)
 
 Limits: prompt + max_tokens must fit the context (--max-model-len), else 400; when
@@ -52,6 +63,8 @@ examples:
   cpuft serve runs/sft-1
   {API_KEY_ENV}=$(openssl rand -hex 16) cpuft serve runs/sft-1 --port 8001
   cpuft serve models/merged --int8 --max-batch-size 4 --max-queue 8
+  cpuft serve runs/support runs/sql runs/summaries          # three adapters, one base
+  cpuft serve support=runs/sft-3 sql=runs/sft-7/checkpoint-400 --api-key KEY
 """
 
 
@@ -59,12 +72,13 @@ def register(subparsers) -> None:
     from cpuft.cli.infer import add_model_arguments
 
     parser = subparsers.add_parser(
-        "serve", help="serve a fine-tune over an OpenAI-compatible HTTP API",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        "serve", help="serve a fine-tune (or several adapters of one base) over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG, usage=USAGE,
         description="Load the model once and answer /v1/chat/completions and /v1/completions"
         " (streamed or not), /v1/models and /health until interrupted (Ctrl-C).",
     )
     add_model_arguments(parser, model_positional=True, merge_option=False)
+    _take_several_models(parser)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     server.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s; 0 picks a free one and prints it)")
@@ -80,6 +94,25 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run_serve)
 
 
+class _ModelList(argparse.Action):
+    """MODEL [MODEL ...]: `args.models` holds them all, `args.model` the first (as generate's --model)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.models = list(values)
+        namespace.model = values[0]
+
+
+def _take_several_models(parser: argparse.ArgumentParser) -> None:
+    """Swap add_model_arguments' one positional MODEL for MODEL [MODEL ...] (adapters mode)."""
+    single = next(action for action in parser._actions if action.dest == "model")
+    parser._remove_action(single)
+    for group in parser._action_groups:
+        if single in group._group_actions:
+            group._group_actions.remove(single)
+    parser.add_argument("model", nargs="+", action=_ModelList, metavar="MODEL",
+                        help=single.help + "; or several LoRA adapters of one base: [NAME=]ADAPTER ...")
+
+
 def run_serve(args) -> int:
     _check_arguments(args)
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -90,16 +123,26 @@ def run_serve(args) -> int:
     import uvicorn
 
     from cpuft.cli.infer import load_model_from_args
+    from cpuft.serve.adapters import adapters_mode, load_adapters
     from cpuft.serve.app import ServeConfig, create_app
     from cpuft.serve.engine import Engine
 
-    args.merge = True  # merged weights are faster per token; nf4 keeps the adapter apart (loader note)
-    loaded = load_model_from_args(args)
+    models = getattr(args, "models", None) or [args.model]
+    if adapters_mode(models):
+        if args.served_model_name:
+            raise UserError("--served-model-name names the one model; with several adapters name each: NAME=PATH.")
+        loaded, served, loader = load_adapters(args, models)
+        names = [entry.name for entry in served]
+        engine = Engine(loaded, max_batch_size=args.max_batch_size, max_queue=args.max_queue, served=served, adapters=loader)
+    else:
+        args.merge = True  # merged weights are faster per token; nf4 keeps the adapter apart (loader note)
+        loaded = load_model_from_args(args)
+        names = [args.served_model_name or args.model]
+        engine = Engine(loaded, max_batch_size=args.max_batch_size, max_queue=args.max_queue, model_name=names[0])
     config = ServeConfig(
-        model_name=args.served_model_name or args.model, context_length=_context_length(loaded.model, args.max_model_len),
+        model_name=", ".join(names), context_length=_context_length(loaded.model, args.max_model_len),
         default_max_tokens=args.default_max_tokens, api_key=args.api_key or None,
     )
-    engine = Engine(loaded, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     app = create_app(engine, config)
     host, port = listener.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
@@ -122,9 +165,12 @@ def _check_arguments(args) -> None:
         raise UserError(f"--port must be in 0..65535, got {args.port}.")
     if args.api_key is not None and not args.api_key.strip():
         raise UserError(f"--api-key (or ${API_KEY_ENV}) is empty; pass a key or leave it unset.")
-    local = Path(args.model).expanduser()
-    if args.model.startswith((".", "/", "~")) and not local.exists():
-        raise UserError(f"model {args.model} does not exist.")
+    from cpuft.serve.adapters import _split_spec
+
+    for spec in getattr(args, "models", None) or [args.model]:
+        path = _split_spec(spec)[1]
+        if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise UserError(f"model {path} does not exist.")
     if not _is_loopback(args.host) and not args.api_key:
         print(f"cpuft serve: warning: --host {args.host} without --api-key lets anyone who can reach this"
               " machine use the model.", file=sys.stderr)

@@ -2,12 +2,18 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both streamed over SSE with
 `"stream": true`, ending in `data: [DONE]`), GET /v1/models, GET /v1/models/{id}, GET /health
-(no key needed; 503 once the model worker has stopped).
+(no key needed; 503 once the model worker has stopped), and vLLM's POST /v1/load_lora_adapter and
+/v1/unload_lora_adapter (adapters mode, only with an API key: without one anyone who reaches the
+port could make the server read any adapter path on its disk, so they answer 403).
+
+A request's `model` picks the served model (in adapters mode, the adapter); logprobs, echo and
+penalties are computed by the engine (engine.py says how) and shaped here as OpenAI's.
 
 Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}:
 400 malformed JSON, a wrong type, a missing or unknown field, a value out of range, a prompt
 that with max_tokens does not fit the context (code context_length_exceeded); 401 a missing or
-wrong `Authorization: Bearer KEY` when the server has an API key; 404 an unknown model or route;
+wrong `Authorization: Bearer KEY` when the server has an API key; 403 adapter loading without an
+API key; 404 an unknown model or route;
 429 the queue is full (Retry-After: 1); 503 the worker has stopped; 500 a failed generation.
 
 A client that closes its connection before its reply is complete, streamed or not, has its request
@@ -22,20 +28,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cpuft.errors import UserError, first_line
 from cpuft.inference.generate import prompt_ids
 from cpuft.serve import protocol
 from cpuft.serve.engine import (
+    AdapterRefused,
     Completion,
     Delta,
     Engine,
@@ -43,12 +49,13 @@ from cpuft.serve.engine import (
     Failed,
     Finished,
     QueueFull,
+    ServedModel,
 )
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model_name: str  # the id clients pass as "model" and /v1/models lists
+    model_name: str  # the served ids, for /health and messages (the engine holds the live list)
     context_length: int  # prompt + max_tokens may not exceed this
     default_max_tokens: int = 256  # when a request names none (capped by what is left of the context)
     api_key: str | None = None
@@ -67,8 +74,6 @@ class APIError(Exception):
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    started = int(time.time())
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -112,66 +117,140 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        body = {"status": "ok" if engine.alive else "stopped", "model": config.model_name,
+        names = [m.name for m in engine.served()]
+        body = {"status": "ok" if engine.alive else "stopped", "model": ", ".join(names), "models": names,
                 "precision": engine.loaded.precision, "max_batch_size": engine.max_batch_size,
                 "max_queue": engine.max_queue, "context_length": config.context_length, **engine.stats()}
         return JSONResponse(body, 200 if engine.alive else 503)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def list_models():
-        return {"object": "list", "data": [protocol.model_card(config.model_name, started)]}
+        return {"object": "list", "data": [protocol.model_card(m.name, m.created) for m in engine.served()]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
     async def get_model(model_id: str):
-        check_model(model_id)
-        return protocol.model_card(config.model_name, started)
+        served = check_model(model_id)
+        return protocol.model_card(served.name, served.created)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(request: protocol.ChatCompletionRequest, http_request: Request):
-        check_model(request.model)
-        tokenizer = engine.loaded.tokenizer
+        served = check_model(request.model)
+        tokenizer = served.tokenizer
         if not tokenizer.chat_template:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions with plain text.", param="messages")
         messages = [m.for_template() for m in request.messages]
         ids = tokenize(lambda: prompt_ids(tokenizer, messages=messages), "messages")
-        job = submit(request, ids)
+        job = submit(request, ids, served)
         request_id = protocol.new_id("chatcmpl")
+        want_logprobs = request.logprobs is True
         if not request.stream:
             result = await outcome(job, http_request)
-            return protocol.chat_completion(request_id, config.model_name, result.text, result.finish_reason,
-                                            result.prompt_tokens, result.completion_tokens)
+            return protocol.chat_completion(request_id, served.name, result.text, result.finish_reason,
+                                            result.prompt_tokens, result.completion_tokens,
+                                            protocol.chat_logprobs(result.logprobs) if want_logprobs else None)
 
-        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-            return protocol.chat_chunk(request_id, config.model_name, delta, finish_reason)
+        def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+            return protocol.chat_chunk(request_id, served.name, delta, finish_reason, logprobs)
+
+        def delta_chunk(event: Delta) -> dict | None:
+            if not event.text and not event.logprobs:
+                return None
+            return chunk({"content": event.text}, logprobs=protocol.chat_logprobs(event.logprobs) if want_logprobs else None)
 
         first = chunk({"role": "assistant", "content": ""})
-        return sse_response(stream_events(job, request, first, lambda text: chunk({"content": text}),
-                                          lambda reason: chunk({}, reason), request_id, "chat.completion.chunk"))
+        return sse_response(stream_events(job, request, [first], delta_chunk, lambda reason: chunk({}, reason),
+                                          request_id, "chat.completion.chunk", served.name))
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(request: protocol.CompletionRequest, http_request: Request):
-        check_model(request.model)
-        tokenizer = engine.loaded.tokenizer
-        ids = tokenize(lambda: prompt_ids(tokenizer, text=request.prompt_text), "prompt")
-        job = submit(request, ids)
+        served = check_model(request.model)
+        tokenizer = served.tokenizer
+        token_ids = request.prompt_token_ids
+        if token_ids is not None:
+            vocabulary = len(tokenizer)
+            if max(token_ids) >= vocabulary:
+                raise APIError(400, f"the prompt has token id {max(token_ids)}, beyond this model's vocabulary of"
+                               f" {vocabulary} tokens.", param="prompt")
+            ids = list(token_ids)
+            prompt_text = tokenizer.decode(ids)
+        else:
+            prompt_text = request.prompt_text
+            ids = tokenize(lambda: prompt_ids(tokenizer, text=prompt_text), "prompt")
+        job = submit(request, ids, served)
         request_id = protocol.new_id("cmpl")
+        want_logprobs = request.logprobs is not None
+        echoed = prompt_text if request.echo else ""
         if not request.stream:
             result = await outcome(job, http_request)
-            return protocol.text_completion(request_id, config.model_name, result.text, result.finish_reason,
-                                            result.prompt_tokens, result.completion_tokens)
+            logprobs = None
+            if want_logprobs:
+                logprobs = protocol.completion_logprobs(result.prompt_logprobs or ())
+                for key, values in protocol.completion_logprobs(result.logprobs, len(echoed)).items():
+                    logprobs[key] += values
+            return protocol.text_completion(request_id, served.name, echoed + result.text, result.finish_reason,
+                                            result.prompt_tokens, result.completion_tokens, logprobs)
 
-        def chunk(text: str, finish_reason: str | None = None) -> dict:
-            return protocol.completion_chunk(request_id, config.model_name, text, finish_reason)
+        sent = [len(echoed)]  # characters of this choice's text sent so far, for text_offset
 
-        return sse_response(stream_events(job, request, None, chunk, lambda reason: chunk("", reason),
-                                          request_id, "text_completion"))
+        def chunk(text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+            return protocol.completion_chunk(request_id, served.name, text, finish_reason, logprobs)
+
+        def delta_chunk(event: Delta) -> dict | None:
+            if event.prompt_logprobs is not None:  # echo with logprobs: the prompt's, with the echoed prompt
+                return chunk(echoed, logprobs=protocol.completion_logprobs(event.prompt_logprobs))
+            if not event.text and not event.logprobs:
+                return None
+            logprobs = protocol.completion_logprobs(event.logprobs, sent[0]) if want_logprobs else None
+            sent[0] += len(event.text)
+            return chunk(event.text, logprobs=logprobs)
+
+        # Echo without logprobs: the prompt goes first, as it is; with logprobs it comes with them.
+        first = [chunk(echoed)] if echoed and not want_logprobs else []
+        return sse_response(stream_events(job, request, first, delta_chunk, lambda reason: chunk("", reason),
+                                          request_id, "text_completion", served.name))
+
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_key)])
+    async def load_lora_adapter(request: protocol.LoadLoraAdapterRequest):
+        require_adapter_admin()
+        job = adapter_control(lambda: engine.load_adapter(request.lora_name, request.lora_path))
+        result = await job.result()
+        if isinstance(result, Failed):
+            raise APIError(400, f"cannot load the adapter '{request.lora_name}': {result.message}", param="lora_path")
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_key)])
+    async def unload_lora_adapter(request: protocol.UnloadLoraAdapterRequest):
+        require_adapter_admin()
+        job = adapter_control(lambda: engine.unload_adapter(request.lora_name))
+        result = await job.result()
+        if isinstance(result, Failed):
+            raise APIError(500, f"unloading the adapter '{request.lora_name}' failed: {result.message}", "server_error")
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
 
     # ------------------------------------------------------------------ helpers
 
-    def check_model(name: str) -> None:
-        if name != config.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{config.model_name}' (GET /v1/models).",
+    def require_adapter_admin() -> None:
+        if config.api_key is None:
+            raise APIError(403, "loading and unloading adapters needs an API key: restart cpuft serve with --api-key"
+                           " (or CPUFT_API_KEY), since without one anyone who reaches the port could make the server"
+                           " read any adapter directory on its disk.", "permission_error", code="api_key_required")
+
+    def adapter_control(start):
+        try:
+            return start()
+        except AdapterRefused as exc:
+            raise APIError(exc.status, str(exc), param="lora_name",
+                           code="model_not_found" if exc.status == 404 else None) from None
+        except EngineStopped as exc:
+            raise APIError(503, f"{exc}; restart cpuft serve.", "server_error", code="unavailable") from None
+
+    def check_model(name: str) -> ServedModel:
+        served = engine.lookup(name)
+        if served is None:
+            names = ", ".join(f"'{m.name}'" for m in engine.served())
+            raise APIError(404, f"the model '{name}' does not exist; this server serves {names} (GET /v1/models).",
                            param="model", code="model_not_found")
+        return served
 
     def tokenize(encode, param: str) -> list[int]:
         try:
@@ -184,22 +263,26 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             raise APIError(400, f"the {param} is empty.", param=param)
         return ids
 
-    def submit(request: protocol.ChatCompletionRequest | protocol.CompletionRequest, ids: list[int]):
+    def submit(request: protocol.ChatCompletionRequest | protocol.CompletionRequest, ids: list[int], served: ServedModel):
         room = config.context_length - len(ids)
         asked = request.requested_max_tokens()
-        if room < 1 or (asked is not None and asked > room):
+        if room < (0 if asked == 0 else 1) or (asked is not None and asked > room):
             wanted = f" and max_tokens asks for {asked} ({len(ids) + asked} in all)" if asked is not None else ""
             raise APIError(400, f"this model's maximum context length is {config.context_length} tokens; the prompt has"
                            f" {len(ids)} tokens{wanted}. Shorten the prompt or lower max_tokens.",
                            param="messages" if isinstance(request, protocol.ChatCompletionRequest) else "prompt",
                            code="context_length_exceeded")
+        top = request.top_logprobs_count()
+        echo = isinstance(request, protocol.CompletionRequest) and request.echo
         completion = Completion(
             prompt_ids=tuple(ids), max_tokens=asked if asked is not None else min(config.default_max_tokens, room),
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,
             stop=request.stop_sequences, ignore_eos=request.ignore_eos, stream=request.stream,
+            logprobs=top, prompt_logprobs=echo and top is not None,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
         )
         try:
-            return engine.submit(completion)
+            return engine.submit(completion, served)
         except QueueFull as exc:
             raise APIError(429, f"the server is busy: {exc}. Retry shortly.", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -238,18 +321,21 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         while (await http_request.receive())["type"] != "http.disconnect":
             pass
 
-    async def stream_events(job, request, first: dict | None, delta_chunk, final_chunk, request_id: str, obj: str) -> AsyncIterator[str]:
+    async def stream_events(job, request, first: list[dict], delta_chunk, final_chunk, request_id: str, obj: str,
+                            model: str) -> AsyncIterator[str]:
         include_usage = request.include_usage
         try:
-            if first is not None:
-                yield sse(first, include_usage)
+            for payload in first:
+                yield sse(payload, include_usage)
             async for event in job.events():
                 if isinstance(event, Delta):
-                    yield sse(delta_chunk(event.text), include_usage)
+                    payload = delta_chunk(event)
+                    if payload is not None:
+                        yield sse(payload, include_usage)
                 elif isinstance(event, Finished):
                     yield sse(final_chunk(event.finish_reason), include_usage)
                     if include_usage:
-                        yield sse(protocol.usage_chunk(request_id, config.model_name, obj, event.prompt_tokens, event.completion_tokens))
+                        yield sse(protocol.usage_chunk(request_id, model, obj, event.prompt_tokens, event.completion_tokens))
                 else:
                     yield sse(protocol.error_body(event.message, "server_error"))
             yield "data: [DONE]\n\n"
