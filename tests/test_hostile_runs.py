@@ -292,3 +292,21 @@ def test_a_resume_on_fewer_ranks_keeps_the_runs_global_batch(tiny_model_dir, tmp
     odd = SFTJobConfig(model=str(tiny_model_dir), per_device_batch_size=3)
     with pytest.raises(UserError, match="global batch is 16"):
         keep_global_batch(preflight(odd, machine), run_dir, odd, print)
+
+
+# ----------------------------------------------------------------------------- the Hub unreachable
+
+
+def test_plan_without_a_dataset_does_not_wait_on_an_unreachable_hub(tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    # Offline mode not set, and the Hub's endpoint a closed local port: the datasets client would
+    # retry for ~20 s before giving up.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    result = subprocess.run([sys.executable, "-m", "cpuft", "plan", "--model", str(tiny_model_dir)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cannot be reached from here; pass --dataset FILE or --tokens N" in result.stdout
