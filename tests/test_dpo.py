@@ -206,3 +206,12 @@ def test_sigterm_then_resume_gives_the_uninterrupted_adapter(tiny_model_dir, pai
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
     # lora_dropout 0 (and DPO turns model dropout off): the same machine gives the same adapter.
     assert max_abs_difference(run_dir / "adapter", dpo_run / "adapter") <= 1e-6
+
+
+@pytest.mark.parametrize("flag, value", [("--packing", "true"), ("--loss-on", "all"), ("--dataset-format", "messages")])
+def test_sft_only_keys_are_refused_by_name(tiny_model_dir, tmp_path, capsys, flag, value):
+    from cpuft.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["dpo", "--model", str(tiny_model_dir), "--dataset", "sample", "--output-dir", str(run_dir), flag, value]) == 2
+    assert "is a cpuft sft key" in capsys.readouterr().err and not run_dir.exists()

@@ -28,11 +28,13 @@ from cpuft.config.job import (
     CONFIG_FIELDS,
     KEY_GROUPS,
     KEY_TYPES,
+    SFT_ONLY_KEYS,
     flag_name,
     is_config_key,
     nearest_key,
 )
 from cpuft.config.library_fields import short_value
+from cpuft.config.sections import DPO_LEARNING_RATE
 from cpuft.config.values import metavar
 
 PASS_THROUGH_EPILOG = """\
@@ -53,7 +55,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, kind: str = "sft") -> 
     for name, f in CONFIG_FIELDS.items():
         if name in KEY_GROUPS:
             group = parser.add_argument_group(KEY_GROUPS[name])
-        shown_default = "" if f.default is None else f" (default: {f.default})"
+        if kind == "dpo" and name in SFT_ONLY_KEYS:  # parsed, then refused by name (cpuft.config.job)
+            _add_flag(group, name, KEY_TYPES[name], argparse.SUPPRESS)
+            continue
+        default = DPO_LEARNING_RATE if kind == "dpo" and name == "learning_rate" else f.default
+        shown_default = "" if default is None else f" (default: {default})"
         _add_flag(group, name, KEY_TYPES[name], f"{f.metadata['help']}{shown_default}")
     pages = parser.add_argument_group("TRL and PEFT fields")
     pages.add_argument(

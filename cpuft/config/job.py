@@ -207,8 +207,9 @@ def resolve_config(
 
     _read_retired_keys(values, where)
     own = {k: v for k, v in values.items() if k in CONFIG_FIELDS}
-    if kind == "dpo" and "learning_rate" not in own:
-        own["learning_rate"] = DPO_LEARNING_RATE  # cpuft.config.trl_config.CpuftDPOConfig says why
+    if kind == "dpo":
+        _refuse_sft_only_keys(own, where)
+        own.setdefault("learning_rate", DPO_LEARNING_RATE)  # cpuft.config.trl_config.CpuftDPOConfig says why
     trl = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k in passthrough.trl_fields(kind)}
     peft_raw = {k: v for k, v in values.items() if k not in CONFIG_FIELDS and k not in trl}
     config = JOB_CONFIG_CLASSES[kind](**own, trl_args=trl, origins=where)
@@ -223,6 +224,17 @@ def resolve_config(
     passthrough.validate_trl_config(config, where)
     peft_config.validate_peft_config(config, where)
     return config
+
+
+# cpuft keys that shape SFT rows only: a DPO pair has its own fields and TRL's own loss.
+SFT_ONLY_KEYS = ("dataset_format", "loss_on", "packing")
+
+
+def _refuse_sft_only_keys(own: dict[str, Any], where: dict[str, str]) -> None:
+    for key in SFT_ONLY_KEYS:
+        if key in own:
+            raise UserError(f"{where[key]}: '{key}' is a cpuft sft key; cpuft dpo reads preference pairs"
+                            " (prompt/chosen/rejected) and scores every completion token, so it has no use for it. Remove it.")
 
 
 # cpuft's former key for the loss mask (it set TRL's field, which needs {% generation %} markers).
