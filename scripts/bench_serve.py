@@ -23,13 +23,17 @@ Several adapters (issue 24): `--adapters 1 4` serves the model with 1 and then 4
 adapters (r 16, every linear layer; built once with PEFT, no training) in adapters mode and sends
 the requests round-robin over the adapters, so batches mix them; `--rss` compares the peak RSS
 (VmHWM) of one server holding four adapters with the sum of four single-adapter servers;
-`--int8-shapes` measures bf16 against --int8 at Qwen2.5-0.5B's shapes (random weights, built
-locally from its config: cpuft.bench.sizes "qwen0.5b"): prefill and decode tokens/s and greedy
-agreement, each precision in its own process.
+`--int8-shapes` measures fp32, bf16 and --int8 at Qwen2.5-0.5B's shapes (random weights, built
+locally from its config: cpuft.bench.sizes "qwen0.5b"), each in its own process, at each
+--threads count, --repeats rounds interleaved (medians printed, every run too): load seconds
+(int8: quantising included), a 128-token prefill (one forward, logits for all 128 positions),
+32 greedy decode steps with the KV cache (the 16-token prompt's forward not timed), and greedy
+agreement with fp32.
 
   python scripts/bench_serve.py --adapters 1 4 --batch-sizes 8 --serve-args "--threads 2"
   python scripts/bench_serve.py --rss
-  python scripts/bench_serve.py --int8-shapes
+  python scripts/bench_serve.py --int8-shapes --threads 1 2 --repeats 2
+  python scripts/bench_serve.py --gemm-m1 --threads 1 2 --repeats 3   # decode's GEMMs alone, fp32 vs bf16
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, nargs="+", default=None, help="serve this many random LoRA adapters (adapters mode)")
     parser.add_argument("--rss", action="store_true", help="peak RSS: one server with 4 adapters vs 4 single-adapter servers")
     parser.add_argument("--int8-shapes", action="store_true", help="bf16 vs int8 at Qwen2.5-0.5B shapes: prefill/decode tokens/s, greedy agreement")
+    parser.add_argument("--gemm-m1", action="store_true", help="fp32 vs bf16 torch linear at M=1 (decode) at Qwen2.5-0.5B shapes")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="with --int8-shapes: torch thread counts to compare")
     parser.add_argument("--repeats", type=int, default=2, help="with --int8-shapes: interleaved rounds (default %(default)s)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -81,6 +86,8 @@ def main() -> int:
         return 0
     if args.int8_shapes:
         return int8_shapes(work, args.threads, args.repeats)
+    if args.gemm_m1:
+        return gemm_m1(args.threads, args.repeats)
     rows = []
     if args.rss:
         model = Path(args.model) if args.model else build_100m_model(work / "model-100m")
@@ -127,27 +134,31 @@ def random_adapters(model: Path, work: Path, count: int) -> list[Path]:
     return paths
 
 
-def vm_hwm_mib(pid: int) -> float:
+def vm_mib(pid: int, field: str) -> float:
+    """/proc/PID/status's `field` (VmHWM: peak resident set; VmRSS: resident now) in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def rss_comparison(model: Path, adapters: list[Path], extra: str) -> int:
-    """Peak RSS after one request per adapter: one server with all of them, then one server each."""
-    def measure(specs: list[str]) -> float:
+    """Resident memory after one request per adapter, of one server with all of them and of one
+    server each: the peak (VmHWM, which loading usually sets: the checkpoint read next to the
+    converted weights) and what stays resident while serving (VmRSS)."""
+    def measure(specs: list[str]) -> tuple[float, float]:
         with serving(specs, 4, 4, extra) as url:
             for name in [spec.split("=", 1)[0] for spec in specs]:
                 one(url, name, prompt(0, 16), 8)
-            return vm_hwm_mib(serving.pid)
+            return vm_mib(serving.pid, "VmHWM"), vm_mib(serving.pid, "VmRSS")
 
     together = measure([f"{p.name}={p}" for p in adapters])
     apart = [measure([f"{p.name}={p}"]) for p in adapters]
-    print("| servers | adapters each | peak RSS MiB (sum) |")
-    print("|---|---:|---:|")
-    print(f"| 1 | {len(adapters)} | {together:.0f} |")
-    print(f"| {len(apart)} | 1 | {sum(apart):.0f} ({' + '.join(f'{r:.0f}' for r in apart)}) |")
+    print("| servers | adapters each | peak RSS MiB (VmHWM; sum) | resident while serving MiB (VmRSS; sum) |")
+    print("|---|---:|---:|---:|")
+    print(f"| 1 | {len(adapters)} | {together[0]:.0f} | {together[1]:.0f} |")
+    print(f"| {len(apart)} | 1 | {sum(r[0] for r in apart):.0f} ({' + '.join(f'{r[0]:.0f}' for r in apart)})"
+          f" | {sum(r[1] for r in apart):.0f} ({' + '.join(f'{r[1]:.0f}' for r in apart)}) |")
     return 0
 
 
@@ -177,12 +188,12 @@ def precision_worker(model: Path, precision: str, threads: int) -> dict:
 
         def decode() -> list[int]:
             out = loaded.model(input_ids=prompt[:, :16], use_cache=True)
-            cache, token, tokens = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
+            cache, token, tokens = out.cache, out.logits[:, -1].argmax(-1, keepdim=True), []
             started = time.perf_counter()
             for _ in range(steps):
                 tokens.append(int(token))
-                out = loaded.model(input_ids=token, past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                out = loaded.model(input_ids=token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
             decode.seconds = time.perf_counter() - started
             return tokens
 
@@ -237,6 +248,49 @@ def int8_shapes(work: Path, threads_list: list[int], repeats: int) -> int:
                   f" ({', '.join(str(r['prefill_tokens_per_s']) for r in mine)})"
                   f" | {statistics.median(r['decode_tokens_per_s'] for r in mine):.1f}"
                   f" ({', '.join(str(r['decode_tokens_per_s']) for r in mine)}) | {len(mine)} | {same}/{len(reference)} |")
+    return 0
+
+
+# Qwen2.5-0.5B's linear layers (out, in): a decode step runs each of them at M=1.
+QWEN05_LINEARS = {"q_proj / o_proj": (896, 896), "k_proj / v_proj": (128, 896), "gate_proj / up_proj": (4864, 896),
+                  "down_proj": (896, 4864), "lm_head": (151936, 896)}
+
+
+def gemm_m1(threads_list: list[int], repeats: int) -> int:
+    """torch.nn.functional.linear at M=1 (one token: a decode step's GEMMs) in fp32 and bf16 at
+    Qwen2.5-0.5B's shapes, for each thread count; rounds interleave the thread counts and the
+    dtypes, each figure the median of 5 timings of 20 calls (lm_head: 3 calls) after a warm-up."""
+    import torch
+    import torch.nn.functional as F
+
+    def median_ms(fn, calls: int) -> float:
+        fn(), fn()
+        timings = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            timings.append((time.perf_counter() - start) / calls * 1e3)
+        return statistics.median(timings)
+
+    weights = {name: torch.randn(*shape) for name, shape in QWEN05_LINEARS.items()}
+    results: dict[tuple[str, int, str], list[float]] = {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for threads in threads_list:
+                torch.set_num_threads(threads)
+                for name, weight in weights.items():
+                    calls = 3 if weight.shape[0] > 100_000 else 20
+                    for dtype in (torch.float32, torch.bfloat16):
+                        w, x = weight.to(dtype), torch.randn(1, 1, weight.shape[1], dtype=dtype)
+                        results.setdefault((name, threads, str(dtype)[6:]), []).append(median_ms(lambda x=x, w=w: F.linear(x, w), calls))
+    print(f"| linear (out x in) | threads | fp32 ms | bf16 ms | bf16 / fp32 |  (load average {os.getloadavg()[0]:.1f})")
+    print("|---|---:|---:|---:|---:|")
+    for threads in threads_list:
+        for name, shape in QWEN05_LINEARS.items():
+            fp32 = statistics.median(results[(name, threads, "float32")])
+            bf16 = statistics.median(results[(name, threads, "bfloat16")])
+            print(f"| {name} {shape[0]} x {shape[1]} | {threads} | {fp32:.3f} | {bf16:.3f} | {bf16 / fp32:.2f} |")
     return 0
 
 

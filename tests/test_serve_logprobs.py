@@ -1,7 +1,7 @@
 """`cpuft serve`'s logprobs, top_logprobs, echo and penalties, checked against the model itself.
 
-The server (the real CLI in a subprocess, `--dtype auto`: bf16 or fp32, whichever this CPU's plan
-picks) serves `qa_run_dir` (base + LoRA, merged at load). The reference is stock transformers +
+The server (the real CLI in a subprocess, in the dtype this CPU's plan picks, bf16 or fp32, passed
+explicitly: `--dtype auto` measures and may pick int8, tests/test_serve_precision.py) serves `qa_run_dir` (base + LoRA, merged at load). The reference is stock transformers +
 PEFT: the base, `PeftModel.from_pretrained` with the run's adapter, unmerged, fp32, one forward
 over the prompt and the server's reply; its log-softmax must equal what the server reported, to
 the tolerance of the server's dtype (conftest.DTYPE_TOLERANCE). Spoken to with the official
@@ -27,8 +27,12 @@ PROMPT = "What is the capital of Peru?"
 
 @pytest.fixture(scope="module")
 def server(qa_run_dir):
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.planning.plan import PlanRequest, plan_for
+
+    planned = plan_for(probe_machine(), PlanRequest(device="cpu")).compute_dtype
     command = [sys.executable, "-m", "cpuft", "serve", str(qa_run_dir), "--port", "0", "--served-model-name", "qa",
-               "--log-level", "warning"]
+               "--dtype", planned, "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log: list[str] = []

@@ -1,7 +1,8 @@
 """`cpuft serve`: load a fine-tune once and answer OpenAI-style HTTP requests (FastAPI + uvicorn).
 
 Parses and checks the flags, loads the model the way `cpuft generate` does (probe, plan, resolve,
-load; one MODEL's adapter is merged), or, for several adapters (`cpuft serve RUN_A RUN_B`,
+load; one MODEL's adapter is merged; `--dtype auto` is decided by measuring fp32, bf16 and int8
+at the model's shapes, cpuft.serve.precision), or, for several adapters (`cpuft serve RUN_A RUN_B`,
 `cpuft serve a=RUN_A`), the base once with every adapter unmerged on it (cpuft.serve.adapters),
 then hands off to cpuft.serve. Binds 127.0.0.1 unless told otherwise.
 """
@@ -27,8 +28,11 @@ EPILOG = f"""\
 MODEL takes: a cpuft run directory (uses its adapter/, merged into the base at load), an adapter
 directory (adapter/ or checkpoint-N/), a merged model directory (`cpuft merge`), or any causal
 LM directory / Hub id. Every adapter `cpuft sft` trains loads; prompt, prefix and p-tuning
-adapters (virtual tokens) stay unmerged. --dtype auto picks fp32 on AVX2-only CPUs, bf16 on AMX /
-AVX-512-BF16 CPUs; --int8 quantises the linear layers (docs/int8.md).
+adapters (virtual tokens) stay unmerged. --dtype auto (the default) measures fp32, bf16 and int8 at the
+model's shapes on a one-layer copy (seconds, once per machine and shape: cached in
+~/.cache/cpuft/serve-precision) and serves in the one that answers a request fastest, int8 only
+when 1.25x faster (it changes the outputs); the reason is printed. --dtype fp32|bf16 or --int8
+(docs/int8.md) choose yourself.
 
 Several LoRA adapters of one base model in one process: `cpuft serve RUN_A RUN_B` (served under
 each run directory's name) or `cpuft serve a=RUN_A b=RUN_B` (named; also for one adapter). The
@@ -126,6 +130,7 @@ def run_serve(args) -> int:
     from cpuft.serve.adapters import adapters_mode, load_adapters
     from cpuft.serve.app import ServeConfig, create_app
     from cpuft.serve.engine import Engine
+    from cpuft.serve.precision import apply_measured_precision
 
     models = getattr(args, "models", None) or [args.model]
     if adapters_mode(models):
@@ -136,6 +141,9 @@ def run_serve(args) -> int:
         engine = Engine(loaded, max_batch_size=args.max_batch_size, max_queue=args.max_queue, served=served, adapters=loader)
     else:
         args.merge = True  # merged weights are faster per token; nf4 keeps the adapter apart (loader note)
+        reason = apply_measured_precision(args, args.model, int8_allowed=True)
+        if reason:
+            print(f"precision: {reason}", file=sys.stderr, flush=True)
         loaded = load_model_from_args(args)
         names = [args.served_model_name or args.model]
         engine = Engine(loaded, max_batch_size=args.max_batch_size, max_queue=args.max_queue, model_name=names[0])

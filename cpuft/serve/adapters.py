@@ -163,6 +163,12 @@ def load_adapters(args, models: list[str], quiet: bool = False):
     for (name, path), source in zip(specs, sources):
         checker.check(name, path, source)
 
+    from cpuft.serve.precision import apply_measured_precision
+
+    # After every check, so a refusal stays instant; int8 is no candidate: it merges the adapter.
+    reason = apply_measured_precision(args, specs[0][1], int8_allowed=False)
+    if reason and not quiet:
+        print(f"precision: {reason}", file=sys.stderr, flush=True)
     machine = probe_machine()
     plan = plan_for(machine, PlanRequest(device=args.device, dtype=args.dtype, quant="none", threads=args.threads))
     if plan.device == "cpu":
