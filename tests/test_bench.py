@@ -133,3 +133,49 @@ def test_bench_rejects_unknown_variant(tmp_path):
     assert proc.returncode == 2
     assert "trl_fast" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_dpo_bench_trains_both_variants_on_the_same_pairs_and_reports_reward_accuracy(tmp_path):
+    """`--job dpo` at the tiny size: cpuft dpo's stages against plain TRL DPOTrainer (trl_best).
+    The token count is recomputed here from the bench's own train.jsonl with the model's chat
+    template: both sequences of every pair (prompt + chosen, prompt + rejected), each cut at
+    max_length, one pass over the pairs."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "bench"
+    proc = run_cpuft("bench", "--job", "dpo", "--size", "tiny", "--steps", "2", "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["job"] == "dpo" and set(report["variants"]) == {"trl_best", "cpuft"}
+    for key in ("speedup_vs_trl_best", "peak_rss_ratio_vs_trl_best", "reward_accuracy_diff_vs_trl_best"):
+        assert isinstance(report[key], float) and report[key] == report[key], key  # a number, not NaN
+    assert "speedup_vs_trl_best" in proc.stdout and "reward acc" in proc.stdout
+
+    pairs = [json.loads(line) for line in (out / "work" / "train.jsonl").read_text().splitlines()]
+    assert len(pairs) == report["train_pairs"] == report["steps"] * report["batch_size"] * report["accumulation"]
+    tokenizer = AutoTokenizer.from_pretrained(out / "work" / f"model-{report['size']}")
+
+    def tokens(messages):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        return min(len(ids), report["max_length"])
+
+    expected = sum(tokens(p["prompt"] + p["chosen"]) + tokens(p["prompt"] + p["rejected"]) for p in pairs)
+    best, cpuft = report["variants"]["trl_best"], report["variants"]["cpuft"]
+    for run in (best, cpuft):
+        assert run["steps"] == 2 and run["epochs"] == pytest.approx(1.0)
+        assert run["train_tokens"] == expected, run["variant"]
+        assert 0.0 <= run["eval_reward_accuracy"] <= 1.0 and run["eval_pairs"] == report["eval_pairs"] == 8
+        assert run["peak_rss_bytes"] > 0
+    # The same batch in pairs, LoRA, optimizer and reference (a forward each step) for both.
+    for key in ("batch_size", "accumulation", "trainable_params", "optimizer", "weights_dtype", "compute_dtype",
+                "precompute_ref_log_probs", "beta", "loss_type"):
+        assert best[key] == cpuft[key], key
+    assert best["sampling"] == "group_by_length" and not best["gradient_checkpointing"]
+    assert not cpuft["precompute_ref_log_probs"]  # one pass over the pairs: the plan keeps the reference forward
+
+
+def test_dpo_bench_rejects_an_sft_only_variant_before_writing(tmp_path):
+    proc = run_cpuft("bench", "--job", "dpo", "--variants", "trl_tuned,cpuft", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "trl_tuned" in proc.stderr and "--job dpo" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,10 @@ reused while its spec is unchanged), measures this machine's matmul FLOP/s at th
 shape (fp32, and bf16 where native) in a worker of its own, then runs the variants interleaved
 (A B C A B C for --repeats), and writes bench.json and bench.png (cpuft.bench.report).
 
+`--job dpo` runs the same machinery on preference pairs (cpuft.bench.data) with the DPO variants
+(cpuft.bench.sizes.DPO_VARIANTS: plain TRL DPOTrainer and `cpuft dpo`'s stages); cpuft_fp32 is
+not added by itself there.
+
 Limits: timings on a shared machine are noisy: use `repeats` (medians are reported) and rerun on
 a quiet machine before quoting a number.
 """
@@ -16,10 +20,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cpuft.artifacts import atomic_write_json, atomic_write_text
-from cpuft.bench.data import synthetic_conversations, write_bench_data
+from cpuft.bench.data import (
+    synthetic_conversations,
+    write_bench_data,
+    write_bench_preferences,
+)
 from cpuft.bench.report import build_report, write_bench_chart
 from cpuft.bench.sizes import (
     CPUFT_FP32,
+    DPO_DEFAULT_VARIANTS,
+    DPO_OPTIMIZER_SETTINGS,
+    JOBS,
     LORA_SETTINGS,
     OPTIMIZER_SETTINGS,
     SIZES,
@@ -27,6 +38,7 @@ from cpuft.bench.sizes import (
     BenchSize,
     PublishedShape,
     describe_model,
+    job_variants,
 )
 from cpuft.bench.worker import run_in_worker
 from cpuft.errors import UserError
@@ -37,9 +49,10 @@ class BenchOptions:
     size: str = "tiny"
     out_dir: Path = Path("bench-results")
     steps: int | None = None
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] | None = None  # default: the job's (VARIANTS, or DPO_DEFAULT_VARIANTS)
     repeats: int = 1
-    dataset: str | None = None  # a messages-format .jsonl; default: synthetic
+    dataset: str | None = None  # sft: a messages-format .jsonl; dpo: preference pairs; default: synthetic
+    job: str = "sft"  # "sft" or "dpo"
     onednn_verbose: Path | None = None
     seed: int = 42
 
@@ -50,16 +63,17 @@ def run_bench(options: BenchOptions, log=print) -> dict:
     from cpuft.planning.plan import PlanRequest, plan_for
 
     size = _checked_size(options)
+    dpo = options.job == "dpo"
     machine = probe_machine()
     threads = plan_for(machine, PlanRequest(device="cpu")).threads
-    variants = list(options.variants)
-    if machine.native_bf16 and "cpuft" in variants and CPUFT_FP32 not in variants:
+    variants = list(options.variants or (DPO_DEFAULT_VARIANTS if dpo else VARIANTS))
+    if not dpo and machine.native_bf16 and "cpuft" in variants and CPUFT_FP32 not in variants:
         variants.append(CPUFT_FP32)  # bf16 against fp32 where bf16 is real
 
     out_dir = Path(options.out_dir)
     work = out_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    train_path, eval_path, data_note = write_bench_data(
+    write_data = write_bench_preferences if dpo else write_bench_data
+    train_path, eval_path, data_note = write_data(
         work, size.train_rows, size.eval_samples, options.dataset, options.seed, size.median_reply_words)
     model_dir = bench_model(work, options.size, size, log)
 
@@ -74,7 +88,8 @@ def run_bench(options: BenchOptions, log=print) -> dict:
         "model": str(model_dir), "train": str(train_path), "eval": str(eval_path),
         "steps": size.steps, "batch_size": size.batch_size, "accumulation": size.accumulation,
         "max_length": size.max_length, "seed": options.seed, "threads": threads,
-        "native_bf16": machine.native_bf16, **OPTIMIZER_SETTINGS, **LORA_SETTINGS,
+        "native_bf16": machine.native_bf16, "job": options.job,
+        **(DPO_OPTIMIZER_SETTINGS if dpo else OPTIMIZER_SETTINGS), **LORA_SETTINGS,
     }
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for repeat in range(options.repeats):
@@ -84,12 +99,15 @@ def run_bench(options: BenchOptions, log=print) -> dict:
             result = run_in_worker(work, variant, {**common, "run_dir": str(work / f"run-{variant}-{repeat}")},
                                    onednn_verbose=verbose)
             runs[variant].append(result)
+            held_out = (f"held-out reward accuracy {result['eval_reward_accuracy']:.3f}" if dpo
+                        else f"eval loss {result['eval_loss']:.4f}")
             log(f"    {result['tokens_per_second']:.0f} tok/s, step {result['median_step_seconds']:.2f} s,"
-                f" peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, eval loss {result['eval_loss']:.4f}")
+                f" peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB, {held_out}")
 
-    command = f"cpuft bench --size {options.size} --steps {size.steps} --repeats {options.repeats}" + (
-        f" --dataset {options.dataset}" if options.dataset else "")
-    report = build_report(command, options.size, size, machine, gemm, runs, data_note)
+    command = (f"cpuft bench --job {options.job} --size {options.size} --steps {size.steps}"
+               f" --variants {','.join(variants)} --repeats {options.repeats}"
+               + (f" --dataset {options.dataset}" if options.dataset else ""))
+    report = build_report(command, options.size, size, machine, gemm, runs, data_note, job=options.job)
     atomic_write_json(out_dir / "bench.json", report)
     write_bench_chart(report, out_dir / "bench.png")
     return report
@@ -97,11 +115,15 @@ def run_bench(options: BenchOptions, log=print) -> dict:
 
 def _checked_size(options: BenchOptions) -> BenchSize:
     """The size to run, with --steps applied; UserError on any bad option, before anything runs."""
+    if options.job not in JOBS:
+        raise UserError(f"unknown bench job {options.job!r}: choose {', '.join(JOBS)}.")
     if options.size not in SIZES:
         raise UserError(f"unknown bench size {options.size!r}: choose {', '.join(SIZES)}.")
-    unknown = [v for v in options.variants if v not in (*VARIANTS, CPUFT_FP32)]
+    known = job_variants(options.job)
+    unknown = [v for v in options.variants or () if v not in (*known, CPUFT_FP32)]
     if unknown:
-        raise UserError(f"unknown bench variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}.")
+        raise UserError(f"unknown bench variant(s) {', '.join(unknown)} for --job {options.job}:"
+                        f" choose from {', '.join((*known, CPUFT_FP32))}.")
     if options.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {options.repeats}.")
     size = SIZES[options.size]

@@ -4,6 +4,10 @@ bench.png and the console table.
 MFU here is against the matmul FLOP/s measured on this machine at the model's MLP shape (not a
 datasheet number), in the dtype the variant computed in. Ratios compare variants of the same
 bench run only; numbers from different machines or runs are not comparable.
+
+`--job dpo` (`build_dpo_report`): the same record per variant, with TRL's held-out reward
+accuracy and margin in place of the SFT yardstick's loss, and cpuft's ratios against trl_best
+(and trl_defaults when run): tokens/s, peak RSS, and the reward accuracy difference.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 
 from cpuft.artifacts import save_figure
 from cpuft.bench.sizes import (
+    DPO_OPTIMIZER_SETTINGS,
+    DPO_TRL_VARIANTS,
     LORA_SETTINGS,
     OPTIMIZER_SETTINGS,
     TRL_VARIANTS,
@@ -22,7 +28,8 @@ from cpuft.bench.sizes import (
 
 # The keys whose median over repeats is the variant's number.
 MEDIAN_KEYS = ("tokens_per_second", "median_step_seconds", "train_seconds", "peak_rss_bytes", "final_loss",
-               "eval_loss", "padding_fraction", "achieved_flops_per_second", "planned_train_seconds")
+               "eval_loss", "padding_fraction", "achieved_flops_per_second", "planned_train_seconds",
+               "eval_reward_accuracy", "eval_reward_margin")
 
 
 def median_run(results: list[dict]) -> dict:
@@ -36,13 +43,22 @@ def median_run(results: list[dict]) -> dict:
     return merged
 
 
-def build_report(command: str, size_name: str, size, machine, gemm: dict, runs: dict, data_note: str) -> dict:
-    """bench.json's content. `runs` maps each variant to its workers' results, one per repeat."""
+def median_variants(runs: dict, gemm: dict) -> dict:
+    """Each variant's median record, with its MFU against the measured GEMM of its dtype."""
     variants = {name: median_run(results) for name, results in runs.items() if results}
     for run in variants.values():
         peak = gemm["bf16" if run.get("compute_dtype") == "bf16" and "bf16" in gemm else "fp32"]["flops_per_second"]
         run["gemm_peak_flops_per_second"] = peak
         run["mfu_vs_measured_gemm"] = run["achieved_flops_per_second"] / peak if peak else None
+    return variants
+
+
+def build_report(command: str, size_name: str, size, machine, gemm: dict, runs: dict, data_note: str,
+                 job: str = "sft") -> dict:
+    """bench.json's content. `runs` maps each variant to its workers' results, one per repeat."""
+    if job == "dpo":
+        return build_dpo_report(command, size_name, size, machine, gemm, runs, data_note)
+    variants = median_variants(runs, gemm)
 
     def ratio(a: str, b: str, key: str) -> float | None:
         if a in variants and b in variants and variants[b].get(key):
@@ -84,6 +100,55 @@ def build_report(command: str, size_name: str, size, machine, gemm: dict, runs: 
         "bf16_speedup_vs_fp32": ratio("cpuft", "cpuft_fp32", "tokens_per_second"),
         "cpuft_mfu_vs_measured_gemm": variants.get("cpuft", {}).get("mfu_vs_measured_gemm"),
         # The time plan `cpuft sft` printed over the training seconds it then took (1.0 = exact).
+        "cpuft_planned_vs_measured_train_seconds": _plan_ratio(variants.get("cpuft")),
+        "variants": variants,
+    }
+
+
+def build_dpo_report(command: str, size_name: str, size, machine, gemm: dict, runs: dict, data_note: str) -> dict:
+    """bench.json's content for `--job dpo`: cpuft's DPO run against plain TRL DPOTrainer."""
+    variants = median_variants(runs, gemm)
+
+    def ratio(a: str, b: str, key: str) -> float | None:
+        if a in variants and b in variants and variants[b].get(key):
+            return variants[a][key] / variants[b][key]
+        return None
+
+    def accuracy_diff(a: str, b: str) -> float | None:
+        if a in variants and b in variants:
+            return variants[a]["eval_reward_accuracy"] - variants[b]["eval_reward_accuracy"]
+        return None
+
+    trl_runs = {name: run for name, run in variants.items() if name in DPO_TRL_VARIANTS}
+    best_trl = max(trl_runs, key=lambda name: trl_runs[name]["tokens_per_second"]) if trl_runs else None
+    first = next(iter(variants.values()))
+    return {
+        "job": "dpo",
+        "command": command,
+        "size": size_name,
+        "model": {**describe_model(size.model), "total_params": first["total_params"]},
+        # The batch in pairs; every pair is two sequences of up to max_length tokens.
+        "steps": size.steps, "batch_size": size.batch_size, "accumulation": size.accumulation,
+        "train_pairs": size.train_rows, "eval_pairs": first.get("eval_pairs"),
+        "max_length": size.max_length, "data": data_note,
+        "optimizer": DPO_OPTIMIZER_SETTINGS, "lora": LORA_SETTINGS,
+        "dpo": {"beta": first.get("beta"), "loss_type": first.get("loss_type"), "reference": "the policy, adapter disabled"},
+        "machine": machine.to_dict(),
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "gemm": gemm,
+        "best_trl_variant": best_trl,
+        "speedup_vs_best_trl": ratio("cpuft", best_trl, "tokens_per_second") if best_trl else None,
+        "peak_rss_ratio_vs_best_trl": ratio("cpuft", best_trl, "peak_rss_bytes") if best_trl else None,
+        # The headline: cpuft / trl_best, non-padding tokens/s (both sequences of every pair).
+        "speedup_vs_trl_best": ratio("cpuft", "trl_best", "tokens_per_second"),
+        "peak_rss_ratio_vs_trl_best": ratio("cpuft", "trl_best", "peak_rss_bytes"),
+        # Held-out reward accuracy, cpuft minus trl_best (a share: +0.05 is 5 points better).
+        "reward_accuracy_diff_vs_trl_best": accuracy_diff("cpuft", "trl_best"),
+        "speedup_vs_trl_defaults": ratio("cpuft", "trl_defaults", "tokens_per_second"),
+        "peak_rss_ratio_vs_trl_defaults": ratio("cpuft", "trl_defaults", "peak_rss_bytes"),
+        "reward_accuracy_diff_vs_trl_defaults": accuracy_diff("cpuft", "trl_defaults"),
+        "bf16_speedup_vs_fp32": ratio("cpuft", "cpuft_fp32", "tokens_per_second"),
+        "cpuft_mfu_vs_measured_gemm": variants.get("cpuft", {}).get("mfu_vs_measured_gemm"),
         "cpuft_planned_vs_measured_train_seconds": _plan_ratio(variants.get("cpuft")),
         "variants": variants,
     }
@@ -136,6 +201,8 @@ def write_bench_chart(report: dict, path: Path) -> None:
 
 
 def format_bench_table(report: dict) -> str:
+    if report.get("job") == "dpo":
+        return format_dpo_table(report)
     head = f"{'variant':<14} {'dtype':<6} {'ckpt':<5} {'tok/s':>8} {'step s':>7} {'pad %':>6} {'RSS MiB':>8} {'eval loss':>9} {'MFU':>6}"
     lines = [head, "-" * len(head)]
     for name, run in report["variants"].items():
@@ -161,4 +228,35 @@ def format_bench_table(report: dict) -> str:
         if report.get(key) is not None:
             value = report[key]
             lines.append(f"{key:<34} {value:+.2%}" if "diff" in key else f"{key:<34} {value:.2f}x")
+    return "\n".join(lines)
+
+
+def format_dpo_table(report: dict) -> str:
+    """The console table of a `--job dpo` bench, then its ratios."""
+    head = (f"{'variant':<12} {'dtype':<5} {'ckpt':<4} {'sampling':<15} {'tok/s':>7} {'step s':>7} {'pad %':>6}"
+            f" {'RSS MiB':>8} {'reward acc':>10} {'margin':>7} {'MFU':>6}")
+    title = (f"DPO: {report['train_pairs']} pairs ({report['steps']} steps x {report['batch_size']} pairs"
+             f" x {report['accumulation']}), held-out {report['eval_pairs']} pairs; tokens = prompt+chosen and"
+             " prompt+rejected, padding excluded")
+    lines = [title, head, "-" * len(head)]
+    for name, run in report["variants"].items():
+        mfu = run.get("mfu_vs_measured_gemm")
+        lines.append(
+            f"{name:<12} {run['compute_dtype']:<5} {'on' if run['gradient_checkpointing'] else 'off':<4}"
+            f" {run['sampling']:<15} {run['tokens_per_second']:>7.0f} {run['median_step_seconds']:>7.2f}"
+            f" {100 * (run['padding_fraction'] or 0):>6.1f} {run['peak_rss_bytes'] / 2**20:>8.0f}"
+            f" {run['eval_reward_accuracy']:>10.3f} {run['eval_reward_margin']:>7.3f}"
+            f" {'' if mfu is None else f'{mfu:.1%}':>6}"
+        )
+    lines.append("")
+    for key in ("speedup_vs_trl_best", "peak_rss_ratio_vs_trl_best", "reward_accuracy_diff_vs_trl_best",
+                "speedup_vs_trl_defaults", "peak_rss_ratio_vs_trl_defaults", "reward_accuracy_diff_vs_trl_defaults",
+                "bf16_speedup_vs_fp32"):
+        if report.get(key) is not None:
+            value = report[key]
+            lines.append(f"{key:<38} {value:+.3f}" if "diff" in key else f"{key:<38} {value:.2f}x")
+    if report.get("cpuft_planned_vs_measured_train_seconds"):
+        cpuft = report["variants"]["cpuft"]
+        lines.append(f"{'time plan vs measured (cpuft dpo)':<38} {cpuft['planned_train_seconds']:.0f} s planned,"
+                     f" {cpuft['train_seconds']:.0f} s trained: {report['cpuft_planned_vs_measured_train_seconds']:.2f}x")
     return "\n".join(lines)

@@ -1,5 +1,9 @@
 """The bench's fixed job: what each --size trains, the variants, and the settings they share.
 
+`--job dpo` runs the same sizes with preference pairs in place of conversations: `steps x batch`
+pairs (each two sequences, prompt + chosen and prompt + rejected, up to max_length tokens), the
+batch counted in pairs, as `cpuft dpo --per-device-batch-size` counts it.
+
 Every variant runs the same model, LoRA settings, data, max_length, optimizer hyperparameters,
 steps, seed and batch; only what the variant's name says differs (see cpuft.bench.baselines and
 cpuft.bench.worker).
@@ -9,16 +13,31 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from cpuft.config.sections import DPO_LEARNING_RATE
 from cpuft.testing.architectures import PUBLISHED_MODELS, PublishedModel
 from cpuft.testing.tiny_model import TinyModelSpec
 
+JOBS = ("sft", "dpo")
 VARIANTS = ("trl_defaults", "trl_tuned", "trl_best", "cpuft")
 TRL_VARIANTS = tuple(v for v in VARIANTS if v.startswith("trl_"))
-# Added by itself on CPUs with native bf16, so the report shows bf16 against fp32 there.
+# `--job dpo`: plain TRL DPOTrainer with its defaults and at its best (cpuft.bench.baselines), and
+# `cpuft dpo`'s stages. trl_defaults is not run unless asked: gradient checkpointing makes it the slowest.
+DPO_VARIANTS = ("trl_defaults", "trl_best", "cpuft")
+DPO_DEFAULT_VARIANTS = ("trl_best", "cpuft")
+DPO_TRL_VARIANTS = tuple(v for v in DPO_VARIANTS if v.startswith("trl_"))
+# Added by itself on CPUs with native bf16, so the report shows bf16 against fp32 there (SFT only:
+# DPO's runs are the bench's longest; name it in --variants to get it).
 CPUFT_FP32 = "cpuft_fp32"
 # Shared by every variant: the bench compares execution, not optimisation recipes.
 OPTIMIZER_SETTINGS = dict(learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0)
+# DPO at `cpuft dpo`'s default learning rate (a LoRA adapter's DPO rate).
+DPO_OPTIMIZER_SETTINGS = {**OPTIMIZER_SETTINGS, "learning_rate": DPO_LEARNING_RATE}
 LORA_SETTINGS = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules="all-linear")
+
+
+def job_variants(job: str) -> tuple[str, ...]:
+    """The variants a job can run (cpuft_fp32 aside)."""
+    return DPO_VARIANTS if job == "dpo" else VARIANTS
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ The parent (`run_in_worker`) writes SPEC.json, which names the variant, its sett
 `result_path`; the worker runs it and writes the result there as JSON; exit 0 means the result
 is complete. A fresh process per variant keeps peak RSS, thread settings and imported state its
 own. Variants: "gemm" (matmul FLOP/s, cpuft.hardware.gemm), "trl_defaults", "trl_tuned" and
-"trl_best" (cpuft.bench.baselines), "cpuft" and "cpuft_fp32" (cpuft's own recipe).
+"trl_best" (cpuft.bench.baselines), "cpuft" and "cpuft_fp32" (cpuft's own recipe). A spec with
+"job": "dpo" runs the DPO variants: plain TRL DPOTrainer (cpuft.bench.baselines) or `cpuft dpo`'s
+stages (`cpuft_dpo_trainer`).
 
 Limits: the worker's output goes to work/log-VARIANT.txt (or the --onednn-verbose file); a
 failed worker raises RuntimeError in the parent with the log's last 30 lines.
@@ -55,7 +57,14 @@ def run_variant(spec: dict) -> dict:
                 for d in spec["dtypes"]}
     from cpuft.bench.measure import train_and_measure
 
-    if variant in ("cpuft", "cpuft_fp32"):
+    if spec.get("job") == "dpo":
+        if variant in ("cpuft", "cpuft_fp32"):
+            trainer, model_facts, plan_facts = cpuft_dpo_trainer(spec, force_fp32=variant == "cpuft_fp32")
+        else:
+            from cpuft.bench.baselines import plain_trl_dpo_trainer
+
+            trainer, model_facts, plan_facts = plain_trl_dpo_trainer(spec, variant)
+    elif variant in ("cpuft", "cpuft_fp32"):
         trainer, model_facts, plan_facts = cpuft_trainer(spec, force_fp32=variant == "cpuft_fp32")
     else:
         from cpuft.bench.baselines import plain_trl_trainer
@@ -101,6 +110,46 @@ def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = No
                   "planned_train_seconds": run.time_estimate.total_seconds if run.time_estimate else None,
                   "planned_parts_seconds": run.time_estimate.parts_seconds if run.time_estimate else None}
     # The base model as loaded, before SFTTrainer injected the LoRA layers.
+    return trainer, asdict(run.model_facts), plan_facts
+
+
+def cpuft_dpo_trainer(spec: dict, force_fp32: bool):
+    """`cpuft dpo`'s recipe through its own stages (cpuft.train.dpo.prepare_dpo_run, then
+    cpuft.train.sft.build_trainer, which assembles its DPOTrainer), with the plan it picks here."""
+    from dataclasses import asdict
+
+    from cpuft.config.job import DPOJobConfig
+    from cpuft.hardware.probe import probe_machine
+    from cpuft.train.dpo import prepare_dpo_run
+    from cpuft.train.peft_methods import method_callbacks
+    from cpuft.train.sft import build_trainer
+
+    config = DPOJobConfig(
+        model=spec["model"], dataset=spec["train"], eval_fraction=0.0,
+        output_dir=spec["run_dir"], max_steps=spec["steps"], max_length=spec["max_length"],
+        per_device_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["accumulation"],
+        learning_rate=spec["learning_rate"], lr_scheduler_type=spec["lr_scheduler_type"],
+        warmup_steps=spec["warmup_steps"], weight_decay=spec["weight_decay"], seed=spec["seed"],
+        lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
+        lora_target_modules=spec["lora_target_modules"], save_steps=spec["steps"] + 1,
+        device="cpu", dtype="fp32" if force_fp32 else "auto",
+    )
+    run = prepare_dpo_run(config, probe_machine(), log=lambda *a, **k: None)
+    run.run_dir.write_header(run.job, run.machine, run.plan)
+    # The bench times the steps with its own MetricsCallback (cpuft.bench.measure), as for TRL's variants.
+    trainer = build_trainer(run, method_callbacks(run.job))
+    plan, args = run.plan, trainer.args
+    plan_facts = {"compute_dtype": plan.compute_dtype, "gradient_checkpointing": plan.gradient_checkpointing,
+                  "threads": plan.threads, "sampling": args.train_sampling_strategy,
+                  "length_grouping": plan.length_grouping, "packing": False,
+                  "weights_dtype": plan.weights_dtype, "batch_size": args.per_device_train_batch_size,
+                  "accumulation": args.gradient_accumulation_steps,
+                  "torch_compile": bool(args.torch_compile), "optimizer": getattr(args.optim, "value", args.optim),
+                  "cpu_lm_head": plan.cpu_lm_head, "fused_lora": plan.fused_lora,
+                  "precompute_ref_log_probs": bool(args.precompute_ref_log_probs), "beta": args.beta,
+                  "loss_type": list(args.loss_type),
+                  # The time plan `cpuft dpo` printed, against which the bench's train_seconds is checked.
+                  "planned_train_seconds": run.time_estimate.total_seconds if run.time_estimate else None}
     return trainer, asdict(run.model_facts), plan_facts
 
 

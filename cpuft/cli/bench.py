@@ -1,4 +1,5 @@
-"""`cpuft bench`: cpuft against plain TRL (defaults, tuned by hand, and its best) on the same job."""
+"""`cpuft bench`: cpuft against plain TRL (defaults, tuned by hand, and its best) on the same job:
+LoRA SFT (`--job sft`, the default) or DPO preference tuning (`--job dpo`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ Sizes: tiny (CI smoke test), 100m (~95M params), and the shapes people train, wi
 weights and their full published vocabulary: qwen0.5b (Qwen2.5-0.5B, 494M) and llama1b
 (Llama-3.2-1B, 1.24B); the tokenizer is the bench's small BPE, so ids use the vocabulary's low range.
 
+--job dpo: the same bench for preference tuning (`cpuft dpo`), on synthetic LIMA-shaped preference
+pairs (chosen: the full reply; rejected: a short reply or its words shuffled) or --dataset PAIRS:
+  trl_defaults  plain TRL DPOTrainer + PEFT with DPOConfig's defaults (run only when named)
+  trl_best      plain DPOTrainer at its best: bf16 weights and autocast where native, no
+                checkpointing, fused AdamW, TRL's length grouping (group_by_length);
+                same batch and accumulation (in pairs) as cpuft
+  cpuft         `cpuft dpo`'s stages with its plan for this machine
+Reported: non-padding tokens/s (prompt+chosen and prompt+rejected), peak RSS, TRL's held-out
+eval_rewards/accuracies and margins; bench.json: speedup_vs_trl_best, peak_rss_ratio_vs_trl_best,
+reward_accuracy_diff_vs_trl_best.
+
 Timings are only as quiet as the machine: on a shared machine use --repeats 3 (variants run
 interleaved, medians reported).
 
@@ -38,11 +50,18 @@ examples:
   cpuft bench --size 100m --variants trl_tuned,cpuft --repeats 3
   cpuft bench --size qwen0.5b --variants trl_best,cpuft --repeats 2   Qwen2.5-0.5B's shapes
   cpuft bench --size 100m --onednn-verbose onednn.log         on AMX: which kernels ran
+  cpuft bench --job dpo --size tiny --repeats 2               DPO: cpuft dpo vs plain DPOTrainer
 """
 
 
 def register(subparsers) -> None:
-    from cpuft.bench.sizes import SIZES, VARIANTS
+    from cpuft.bench.sizes import (
+        DPO_DEFAULT_VARIANTS,
+        DPO_VARIANTS,
+        JOBS,
+        SIZES,
+        VARIANTS,
+    )
 
     parser = subparsers.add_parser(
         "bench",
@@ -52,17 +71,23 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--job", choices=list(JOBS), default="sft",
+                        help="sft: LoRA supervised fine-tuning (SFTTrainer); dpo: preference tuning (DPOTrainer)"
+                        " (default %(default)s)")
     parser.add_argument("--size", choices=list(SIZES), default="tiny",
                         help="tiny: CI smoke test; 100m: ~95M params; qwen0.5b, llama1b: those models' published"
                         " shapes, random weights (default %(default)s)")
-    parser.add_argument("--out", default=None, help="output directory (default bench-results/<size>)")
+    parser.add_argument("--out", default=None, help="output directory (default bench-results/<size>, bench-results/dpo-<size> for --job dpo)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the size's own)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of %(default)s")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (sft, default all) or"
+                        f" {','.join(DPO_VARIANTS)} (dpo, default {','.join(DPO_DEFAULT_VARIANTS)});"
+                        " cpuft_fp32 too")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every variant N times, interleaved; medians reported (default 1)")
     parser.add_argument("--dataset", default=None,
-                        help="messages-format .jsonl to use instead of the synthetic LIMA-shaped data")
+                        help="instead of the synthetic LIMA-shaped data: a messages-format .jsonl (sft), or a file"
+                        " of preference pairs in any format `cpuft dpo` reads (dpo)")
     parser.add_argument("--onednn-verbose", metavar="FILE", default=None,
                         help="run the cpuft variant with ONEDNN_VERBOSE=1 and write its output to FILE"
                         " (shows AMX/AVX-512 kernels on Xeon)")
@@ -72,13 +97,17 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from cpuft.bench.orchestrator import BenchOptions, run_bench
     from cpuft.bench.report import format_bench_table
+    from cpuft.bench.sizes import job_variants
 
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    if not variants:
-        raise UserError("--variants is empty; name at least one of trl_defaults, trl_tuned, trl_best, cpuft.")
+    variants = None
+    if args.variants is not None:
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        if not variants:
+            raise UserError(f"--variants is empty; name at least one of {', '.join(job_variants(args.job))}.")
     options = BenchOptions(
+        job=args.job,
         size=args.size,
-        out_dir=Path(args.out or f"bench-results/{args.size}"),
+        out_dir=Path(args.out or (f"bench-results/dpo-{args.size}" if args.job == "dpo" else f"bench-results/{args.size}")),
         steps=args.steps,
         variants=variants,
         repeats=args.repeats,

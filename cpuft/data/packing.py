@@ -84,8 +84,8 @@ def row_length(row: dict) -> int:
         return len(row["input_ids"])
     if "messages" in row:
         return sum(len(str(m.get("content", ""))) for m in row["messages"])
-    if "chosen" in row and "rejected" in row:  # a preference pair: both of its sequences
-        return len(str(row.get("prompt", ""))) + len(str(row["chosen"])) + len(str(row["rejected"]))
+    if "chosen" in row and "rejected" in row:  # a preference pair: TRL pads both to the longer one
+        return len(str(row.get("prompt", ""))) + max(len(str(row["chosen"])), len(str(row["rejected"])))
     if "prompt" in row and "completion" in row:
         return len(str(row["prompt"])) + len(str(row["completion"]))
     return len(str(row.get("text", "")))
