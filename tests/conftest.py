@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,30 @@ def qa_run_dir(qa_model_dir, qa_dataset, tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def start_serve(*args, env: dict | None = None, while_loading=None, timeout: float = 180) -> tuple[subprocess.Popen, str, list[str]]:
+    """`cpuft serve ARGS --port 0` in a fresh process: (the process, its http://127.0.0.1:PORT URL
+    as it announced it, its stderr lines so far). Its stderr is read all along, so the pipe never
+    fills and blocks the server; `while_loading()` runs while the model loads."""
+    command = [sys.executable, "-m", "cpuft", "serve", *map(str, args), "--port", "0", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    log: list[str] = []
+    url: list[str] = []
+    listening = threading.Event()
+
+    def drain() -> None:
+        for line in process.stderr:
+            log.append(line)
+            if line.startswith("serving ") and " on http://" in line:
+                url.append(line.split(" on ", 1)[1].split("/v1")[0])
+                listening.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    if while_loading is not None:
+        while_loading()
+    deadline = time.monotonic() + timeout
+    while not listening.wait(0.5):
+        assert process.poll() is None and time.monotonic() < deadline, "server did not start:\n" + "".join(log)[-3000:]
+    return process, url[0], log

@@ -12,10 +12,7 @@ import json
 import os
 import socket
 import sqlite3
-import subprocess
-import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import pytest
 
 from cpuft.batch.state import StateStore
 from cpuft.errors import UserError
-from tests.conftest import run_cpuft, write_jsonl
+from tests.conftest import run_cpuft, start_serve, write_jsonl
 
 QA_ROWS = [{"prompt": f"What is {a} times {b}?", "completion": f"{a} times {b} is {a * b}."}
            for a in range(2, 8) for b in range(2, 6)]
@@ -124,26 +121,8 @@ MAX_TOKENS = 1900
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    command = [sys.executable, "-m", "cpuft", "serve", str(tiny_model_dir), "--dtype", "fp32", "--port", "0",
-               "--served-model-name", "tiny", "--max-batch-size", "1", "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    log: list[str] = []
-    listening = threading.Event()
-    url: list[str] = []
-
-    def drain() -> None:  # keep reading so the pipe never fills and blocks the server
-        for line in process.stderr:
-            log.append(line)
-            if line.startswith("serving ") and " on http://" in line:
-                url.append(line.split(" on ", 1)[1].split("/v1")[0])
-                listening.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 180
-    while not listening.wait(0.5):
-        assert process.poll() is None and time.monotonic() < deadline, "server did not start:\n" + "".join(log)[-3000:]
-    yield url[0]
+    process, url, _ = start_serve(tiny_model_dir, "--dtype", "fp32", "--served-model-name", "tiny", "--max-batch-size", "1")
+    yield url
     process.terminate()
     process.wait(timeout=30)
 

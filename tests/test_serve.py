@@ -9,11 +9,9 @@ After every test the server must still answer /health and still be the same proc
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import run_cpuft
+from tests.conftest import run_cpuft, start_serve
 
 API_KEY = "test-key-123"
 MAX_QUEUE, MAX_BATCH = 4, 4
@@ -58,29 +56,12 @@ def server(qa_run_dir, request):
     # --dtype fp32: bf16 (planned on AMX / AVX-512-BF16) can flip a greedy token of this barely
     # trained model between a batch of one and a padded batch; fp32 on both sides keeps the
     # comparisons with `cpuft generate` exact. --port 0: the server picks a free port and says which.
-    command = [sys.executable, "-m", "cpuft", "serve", str(qa_run_dir), "--dtype", "fp32", "--port", "0",
-               "--api-key", API_KEY, "--served-model-name", "qa", "--max-queue", str(MAX_QUEUE),
-               "--max-batch-size", str(MAX_BATCH), "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    log: list[str] = []
-    listening = threading.Event()
-    url: list[str] = []
-
-    def drain() -> None:  # keep reading so the pipe never fills and blocks the server
-        for line in process.stderr:
-            log.append(line)
-            if line.startswith("serving ") and " on http://" in line:
-                url.append(line.split(" on ", 1)[1].split("/v1")[0])
-                listening.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    request.getfixturevalue("generate_reply")  # the reference reply is computed while the server loads
-    deadline = time.monotonic() + 180
-    while not listening.wait(0.5):
-        assert process.poll() is None and time.monotonic() < deadline, "server did not start:\n" + "".join(log)[-3000:]
-    assert url[0].startswith("http://127.0.0.1:")  # the default bind is loopback only
-    running = Server(url[0], "qa", process, log)
+    process, url, log = start_serve(qa_run_dir, "--dtype", "fp32", "--api-key", API_KEY, "--served-model-name", "qa",
+                                    "--max-queue", MAX_QUEUE, "--max-batch-size", MAX_BATCH,
+                                    # the reference reply is computed while the server loads
+                                    while_loading=lambda: request.getfixturevalue("generate_reply"))
+    assert url.startswith("http://127.0.0.1:")  # the default bind is loopback only
+    running = Server(url, "qa", process, log)
     running.health()
     yield running
     process.terminate()

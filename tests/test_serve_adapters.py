@@ -10,10 +10,8 @@ server's adapters) on that reply's own run. Spoken to with the official `openai`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import random_chat_rows, run_cpuft, write_jsonl
+from tests.conftest import random_chat_rows, run_cpuft, start_serve, write_jsonl
 
 API_KEY = "adapters-key"
 PROMPTS = ["Question 3: cpu core thread?", "Question 7: cache memory loss rank?"]
@@ -59,26 +57,8 @@ def expected(runs) -> dict[tuple[str, str], str]:
         return dict(pool.map(generate, [(run, prompt) for run in runs for prompt in PROMPTS]))
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
-    command = [sys.executable, "-m", "cpuft", "serve", *map(str, args), "--dtype", "fp32", "--port", "0", "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    log: list[str] = []
-    listening = threading.Event()
-    url: list[str] = []
-
-    def drain() -> None:
-        for line in process.stderr:
-            log.append(line)
-            if line.startswith("serving ") and " on http://" in line:
-                url.append(line.split(" on ", 1)[1].split("/v1")[0])
-                listening.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 180
-    while not listening.wait(0.5):
-        assert process.poll() is None and time.monotonic() < deadline, "server did not start:\n" + "".join(log)[-3000:]
-    return process, url[0], log
+def start_server(*args) -> tuple[subprocess.Popen, str, list[str]]:
+    return start_serve(*args, "--dtype", "fp32")
 
 
 @pytest.fixture(scope="module")

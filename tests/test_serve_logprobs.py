@@ -10,17 +10,11 @@ the tolerance of the server's dtype (conftest.DTYPE_TOLERANCE). Spoken to with t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
-
 import httpx
 import openai
 import pytest
 
-from tests.conftest import DTYPE_TOLERANCE
+from tests.conftest import DTYPE_TOLERANCE, start_serve
 
 PROMPT = "What is the capital of Peru?"
 
@@ -31,26 +25,8 @@ def server(qa_run_dir):
     from cpuft.planning.plan import PlanRequest, plan_for
 
     planned = plan_for(probe_machine(), PlanRequest(device="cpu")).compute_dtype
-    command = [sys.executable, "-m", "cpuft", "serve", str(qa_run_dir), "--port", "0", "--served-model-name", "qa",
-               "--dtype", planned, "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    log: list[str] = []
-    listening = threading.Event()
-    url: list[str] = []
-
-    def drain() -> None:
-        for line in process.stderr:
-            log.append(line)
-            if line.startswith("serving ") and " on http://" in line:
-                url.append(line.split(" on ", 1)[1].split("/v1")[0])
-                listening.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 180
-    while not listening.wait(0.5):
-        assert process.poll() is None and time.monotonic() < deadline, "server did not start:\n" + "".join(log)[-3000:]
-    yield url[0]
+    process, url, _ = start_serve(qa_run_dir, "--served-model-name", "qa", "--dtype", planned)
+    yield url
     process.terminate()
     process.wait(timeout=30)
 

@@ -8,11 +8,6 @@ it is cached (counted calls, not times), the CLI on saying why and serving in wh
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-import threading
-import time
 
 import httpx
 import pytest
@@ -25,6 +20,7 @@ from cpuft.serve.precision import (
     choose,
     choose_precision,
 )
+from tests.conftest import start_serve
 
 
 def cost(name: str, request_seconds: float) -> PrecisionCost:
@@ -79,35 +75,17 @@ def test_an_explicit_choice_is_not_measured(monkeypatch):
 
 
 def test_serve_auto_says_why_and_serves_in_that_precision(tiny_model_dir, tmp_path):
-    command = [sys.executable, "-m", "cpuft", "serve", str(tiny_model_dir), "--port", "0", "--threads", "1",
-               "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1", CPUFT_CACHE_DIR=str(tmp_path)))
-    log: list[str] = []
-    url: list[str] = []
-    listening = threading.Event()
-
-    def drain() -> None:
-        for line in process.stderr:
-            log.append(line)
-            if line.startswith("serving ") and " on http://" in line:
-                url.append(line.split(" on ", 1)[1].split("/v1")[0])
-                listening.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    deadline = time.monotonic() + 240
+    process, url, log = start_serve(tiny_model_dir, "--threads", "1", env={"CPUFT_CACHE_DIR": str(tmp_path)}, timeout=240)
     try:
-        while not listening.wait(0.5):
-            assert process.poll() is None and time.monotonic() < deadline, "server did not start:\n" + "".join(log)[-3000:]
         reasons = [line for line in log if line.startswith("precision: auto: ")]
         assert len(reasons) == 1, "".join(log)
         chosen = reasons[0].removeprefix("precision: auto: ").split(",")[0]
         assert chosen in ("fp32", "bf16", "int8")
         for name in ("fp32", "bf16", "int8"):
             assert f"{name} " in reasons[0] and "tokens/s" in reasons[0]
-        served = httpx.get(f"{url[0]}/health", timeout=30).json()["precision"]
+        served = httpx.get(f"{url}/health", timeout=30).json()["precision"]
         assert served.startswith("int8 (") if chosen == "int8" else served == chosen
-        reply = httpx.post(f"{url[0]}/v1/completions", timeout=120,
+        reply = httpx.post(f"{url}/v1/completions", timeout=120,
                            json={"model": str(tiny_model_dir), "prompt": "hello", "max_tokens": 3, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
         assert len(list((tmp_path / "serve-precision").glob("*.json"))) == 1
