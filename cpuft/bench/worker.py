@@ -73,6 +73,20 @@ def run_variant(spec: dict) -> dict:
     return train_and_measure(trainer, spec, model_facts, plan_facts)
 
 
+def job_keys(spec: dict, force_fp32: bool) -> dict:
+    """The config keys every cpuft variant runs the bench's job with (SFT and DPO alike)."""
+    return dict(
+        model=spec["model"], dataset=spec["train"], eval_fraction=0.0,
+        output_dir=spec["run_dir"], max_steps=spec["steps"], max_length=spec["max_length"],
+        per_device_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["accumulation"],
+        learning_rate=spec["learning_rate"], lr_scheduler_type=spec["lr_scheduler_type"],
+        warmup_steps=spec["warmup_steps"], weight_decay=spec["weight_decay"], seed=spec["seed"],
+        lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
+        lora_target_modules=spec["lora_target_modules"], save_steps=spec["steps"] + 1,
+        device="cpu", dtype="fp32" if force_fp32 else "auto",
+    )
+
+
 def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = None):
     """cpuft's own recipe through its public stages (cpuft.train.sft), as `cpuft sft` runs it, with the plan it picks here
     (`plan_overrides`, e.g. {"fused_lora": False}: that plan field replaced, to measure a candidate)."""
@@ -84,14 +98,7 @@ def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = No
     from cpuft.train.sft import build_trainer, prepare_run
 
     config = SFTJobConfig(
-        model=spec["model"], dataset=spec["train"], dataset_format="messages", eval_fraction=0.0,
-        output_dir=spec["run_dir"], max_steps=spec["steps"], max_length=spec["max_length"],
-        per_device_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["accumulation"],
-        learning_rate=spec["learning_rate"], lr_scheduler_type=spec["lr_scheduler_type"],
-        warmup_steps=spec["warmup_steps"], weight_decay=spec["weight_decay"], seed=spec["seed"],
-        lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
-        lora_target_modules=spec["lora_target_modules"], save_steps=spec["steps"] + 1,
-        device="cpu", dtype="fp32" if force_fp32 else "auto",
+        **job_keys(spec, force_fp32), dataset_format="messages",
         loss_on="all",  # the TRL variants train every token: same tokens, same loss, comparable
     )
     run = prepare_run(config, probe_machine(), log=lambda *a, **k: None)
@@ -124,16 +131,7 @@ def cpuft_dpo_trainer(spec: dict, force_fp32: bool):
     from cpuft.train.peft_methods import method_callbacks
     from cpuft.train.sft import build_trainer
 
-    config = DPOJobConfig(
-        model=spec["model"], dataset=spec["train"], eval_fraction=0.0,
-        output_dir=spec["run_dir"], max_steps=spec["steps"], max_length=spec["max_length"],
-        per_device_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["accumulation"],
-        learning_rate=spec["learning_rate"], lr_scheduler_type=spec["lr_scheduler_type"],
-        warmup_steps=spec["warmup_steps"], weight_decay=spec["weight_decay"], seed=spec["seed"],
-        lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
-        lora_target_modules=spec["lora_target_modules"], save_steps=spec["steps"] + 1,
-        device="cpu", dtype="fp32" if force_fp32 else "auto",
-    )
+    config = DPOJobConfig(**job_keys(spec, force_fp32))
     run = prepare_dpo_run(config, probe_machine(), log=lambda *a, **k: None)
     run.run_dir.write_header(run.job, run.machine, run.plan)
     # The bench times the steps with its own MetricsCallback (cpuft.bench.measure), as for TRL's variants.
