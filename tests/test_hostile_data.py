@@ -280,3 +280,21 @@ def test_cpuft_plans_token_count_cuts_a_huge_conversation_before_tokenising_it(t
     # Plain text rows alike (before: tokenised whole through the tokenizer's own call).
     tokens, _ = tokens_per_epoch(Dataset.from_list([{"text": words(600_000, seed=4)}]), counting, 128)
     assert counting.longest_text < 100_000 and tokens == 128
+
+
+def test_a_huge_preference_pair_is_cut_before_it_is_tokenised(tokenizer, tmp_path):
+    from cpuft.data.preference import prepare_preferences
+    from cpuft.train.dpo import preference_set
+
+    huge = words(600_000, seed=5)
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Say a lot.", "chosen": huge, "rejected": "No."},
+                                                  {"prompt": "Hi?", "chosen": "Hello there.", "rejected": "Go."}])
+    counting = CountingTokenizer(tokenizer)
+    data = preference_set(prepare_preferences(str(path), eval_fraction=0), counting, 128)
+    assert counting.longest_text < 100_000, counting.longest_text  # before: the whole ~3 MB reply
+    by_prompt = {row["prompt"]: row for row in data.train}
+    assert by_prompt["Hi?"]["chosen"] == "Hello there."  # short rows are left as they are
+    cut = by_prompt["Say a lot."]["chosen"]
+    assert len(cut) < 100_000 and huge.startswith(cut)
+    # What TRL trains (prompt + chosen, first 128 tokens) is unchanged by the cut.
+    assert tokenizer("Say a lot." + cut)["input_ids"][:128] == tokenizer("Say a lot." + huge[:20_000])["input_ids"][:128]

@@ -147,12 +147,40 @@ def merged_sft_model(model, tokenizer, start: StartingPoint, seed: int):
 
 def preference_set(rows, tokenizer, max_length: int) -> TrainingSet:
     """The preference rows as a TrainingSet, with the tokens one pass trains: both sequences of
-    every pair (prompt + chosen, prompt + rejected), each cut to max_length."""
-    lengths = [length for row in rows.train for length in pair_lengths(row, tokenizer, max_length)]
+    every pair (prompt + chosen, prompt + rejected), each cut to max_length. Every text is first cut
+    past what its first max_length tokens come from (cpuft.data.loss_mask.text_start): TRL keeps
+    only max_length tokens of a sequence, so the cut changes nothing it trains, and a huge row costs
+    what max_length tokens cost instead of gigabytes."""
+    from cpuft.data.loss_mask import longest_token_chars
+
+    token_chars = longest_token_chars(tokenizer)
+    train, held_out = (None if split is None else _cut_texts(split, tokenizer, max_length, token_chars)
+                       for split in (rows.train, rows.eval))
+    lengths = [length for row in train for length in pair_lengths(row, tokenizer, max_length)]
     return TrainingSet(
-        train=rows.train, eval=rows.eval, source=rows.source, row_format=rows.row_format, num_rows=rows.num_rows,
+        train=train, eval=held_out, source=rows.source, row_format=rows.row_format, num_rows=rows.num_rows,
         tokens_per_epoch=sum(lengths), mean_tokens_per_row=sum(lengths) / max(1, len(lengths)),
     )
+
+
+def _cut_texts(dataset, tokenizer, max_length: int, token_chars: int):
+    """`dataset` with every prompt/chosen/rejected text (or message content) cut by text_start;
+    the same dataset when nothing is that long."""
+    from datasets import Dataset
+
+    from cpuft.data.loss_mask import text_start
+
+    def cut(value):
+        if isinstance(value, str):
+            return text_start(tokenizer, value, max_length, token_chars)
+        return [dict(message, content=text_start(tokenizer, message["content"], max_length, token_chars))
+                for message in value]
+
+    columns = [name for name in ("prompt", "chosen", "rejected") if name in dataset.column_names]
+    rows = [{**row, **{name: cut(row[name]) for name in columns}} for row in dataset]
+    if rows == list(dataset):
+        return dataset
+    return Dataset.from_list(rows)
 
 
 def pair_lengths(row: dict, tokenizer, max_length: int) -> tuple[int, int]:
