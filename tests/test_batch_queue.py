@@ -218,8 +218,12 @@ def test_failures_stay_isolated_are_retried_and_the_drained_queue_shuts_down(que
         jobs:
           - name: wants-gpu          # bad input at run time (no GPU here): exit 2, not retried
             device: cuda
-          - name: blocked-output     # the run fails (exit 1): retried up to max_failures
-            output_dir: blocker/run  # 'blocker' is a plain file: the run cannot make its directory
+          - name: blocked-output     # bad input too: 'blocker' is a plain file, so the run directory
+            output_dir: blocker/run  # cannot be made; found before anything is loaded: exit 2
+          - name: diverges           # the run fails (exit 1: its weights turn NaN): retried up to max_failures
+            learning_rate: 1.0e+30
+            lr_scheduler_type: constant
+            warmup_steps: 0
           - name: good
         """)
     (queue_dir / "blocker").write_text("a file, not a directory\n")
@@ -228,13 +232,15 @@ def test_failures_stay_isolated_are_retried_and_the_drained_queue_shuts_down(que
 
     assert result.returncode == 1, result.stdout + result.stderr  # some job failed for good
     jobs = status_json(queue_path)
-    good, gpu, sched = jobs["good"], jobs["wants-gpu"], jobs["blocked-output"]
+    good, gpu, blocked, diverges = jobs["good"], jobs["wants-gpu"], jobs["blocked-output"], jobs["diverges"]
     assert (good["state"], good["attempts"], good["summary"]["steps"]) == ("done", 1, 4)
     assert (queue_dir / "runs" / "good" / "adapter" / "adapter_model.safetensors").is_file()
     assert (gpu["state"], gpu["attempts"], gpu["exit_code"], gpu["retryable"]) == ("failed", 1, 2, False)
     assert "CUDA" in gpu["last_error"]
-    assert (sched["state"], sched["attempts"], sched["failures"], sched["exit_code"]) == ("failed", 2, 2, 1)
-    assert "blocker" in sched["last_error"]
+    assert (blocked["state"], blocked["attempts"], blocked["exit_code"], blocked["retryable"]) == ("failed", 1, 2, False)
+    assert "blocker is a file" in blocked["last_error"]
+    assert (diverges["state"], diverges["attempts"], diverges["failures"], diverges["exit_code"]) == ("failed", 2, 2, 1)
+    assert "NaN" in diverges["last_error"]
     assert drained.exists()  # nothing left to run -> the shutdown command ran
 
     # Running again starts nothing: done is done, and both failures are final.
@@ -243,10 +249,10 @@ def test_failures_stay_isolated_are_retried_and_the_drained_queue_shuts_down(que
     assert again.returncode == 1
     assert "attempt" not in again.stdout
     assert {name: (job["state"], job["attempts"]) for name, job in status_json(queue_path).items()} == {
-        "wants-gpu": ("failed", 1), "blocked-output": ("failed", 2), "good": ("done", 1)}
+        "wants-gpu": ("failed", 1), "blocked-output": ("failed", 1), "diverges": ("failed", 2), "good": ("done", 1)}
     assert drained.exists()
     table = run_cpuft("batch", "status", queue_path).stdout
-    assert "good" in table and "4/4" in table and "3 job(s): 2 failed, 1 done; no scheduler running." in table
+    assert "good" in table and "4/4" in table and "4 job(s): 3 failed, 1 done; no scheduler running." in table
 
 
 # ----------------------------------------------------------------------------- scheduling
