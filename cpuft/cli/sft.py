@@ -12,7 +12,7 @@ from cpuft.config.cli_args import (
     add_config_arguments,
     config_values,
 )
-from cpuft.config.job import is_config_key, resolve_config
+from cpuft.config.job import is_job_key, resolve_config
 from cpuft.config.yaml_file import read_mapping
 from cpuft.errors import EXIT_INTERRUPTED, UserError
 from cpuft.run_dir import RunDir
@@ -170,7 +170,7 @@ def _saved_config(run_dir: Path, kind: str) -> tuple[dict, dict]:
     if not path.is_file():
         raise UserError(f"--resume: {run_dir} is not a cpuft run directory (no {RunDir.CONFIG}).")
     saved, origins = read_mapping(path)
-    known = {str(k): v for k, v in saved.items() if is_config_key(str(k), kind)}
+    known = {str(k): v for k, v in saved.items() if is_job_key(str(k), kind)}
     return known, {k: origins[k] for k in known}
 
 

@@ -90,6 +90,10 @@ class DPOJobConfig(SFTJobConfig):
 
     kind: typing.ClassVar[str] = "dpo"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The job as flat config keys (config.yaml), without the keys only `cpuft sft` reads."""
+        return {key: value for key, value in super().to_dict().items() if key not in SFT_ONLY_KEYS}
+
 
 JOB_CONFIG_CLASSES = {"sft": SFTJobConfig, "dpo": DPOJobConfig}
 
@@ -106,6 +110,11 @@ KEY_GROUPS = {next(iter(section_keys(section))): section_title(section) for sect
 def is_config_key(key: str, kind: str = "sft") -> bool:
     """A cpuft key, a field of the job kind's TRL config or a field of some PEFT config."""
     return key in CONFIG_FIELDS or key in passthrough.trl_fields(kind) or peft_config.is_peft_field(key)
+
+
+def is_job_key(key: str, kind: str) -> bool:
+    """A config key a job of `kind` reads (a saved config.yaml's keys are filtered by it on --resume)."""
+    return is_config_key(key, kind) and not (kind == "dpo" and key in SFT_ONLY_KEYS)
 
 
 def typed_config_value(key: str, value: Any, where: str, kind: str = "sft") -> Any:
