@@ -325,3 +325,19 @@ def test_a_rank_that_fails_or_stops_ends_the_job_and_resume_continues(qa_model_d
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     plan = json.loads((run_dir / "plan.json").read_text())["plan"]
     assert (plan["world_size"], plan["ranks_per_node"], plan["nodes"]) == (2, 1, 2)
+
+
+def test_a_rank_killed_by_a_signal_is_named_before_one_that_aborted_because_of_it():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from cpuft.train.distributed import failure_message
+
+    def failure(rank: int, exitcode: int) -> ProcessFailure:
+        return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="/nonexistent")
+
+    # kill -9 rank 1: rank 0 aborted in the broken collective (SIGABRT), seen in the same poll.
+    message, status = failure_message({0: failure(0, -signal.SIGABRT), 1: failure(1, -signal.SIGKILL)}, 2)
+    assert message.startswith("cpuft: rank 1 of 2 was killed by SIGKILL") and status == 1
+    # An abort alone is still named.
+    message, _ = failure_message({0: failure(0, -signal.SIGABRT), 1: failure(1, -signal.SIGTERM)}, 2)
+    assert message.startswith("cpuft: rank 0 of 2 was killed by SIGABRT")

@@ -252,7 +252,13 @@ def failure_message(failures: dict, world_size: int) -> tuple[str, int]:
         return data.get("cpuft", {}) if isinstance(data, dict) else {}
 
     torn_down = (-signal.SIGTERM, -signal.SIGINT, EXIT_INTERRUPTED)
-    killed = sorted(rank for rank, f in failures.items() if f.exitcode < 0 and f.exitcode not in torn_down)
+    # A rank whose peer vanished mid-collective can abort on its own (gloo's C++ "terminate called
+    # without an active exception": SIGABRT) before torchrun sees the peer die: a rank killed by
+    # any other signal is the cause, whatever its number.
+    killed = [rank for _, _, rank in sorted(
+        (f.exitcode == -signal.SIGABRT, f.timestamp, rank)
+        for rank, f in failures.items() if f.exitcode < 0 and f.exitcode not in torn_down
+    )]
     with_errors = sorted((recorded(f)["time"], rank) for rank, f in failures.items() if "time" in recorded(f))
     resume = (" The run directory keeps its last complete checkpoint, if one was saved:"
               " `cpuft sft --output-dir DIR --resume` continues from it.")
