@@ -72,8 +72,9 @@ def test_whole_model_loss_and_gradients_equal_stock_peft():
         assert abs(float(model(**batch).loss) - peft_loss) <= 1e-6
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_one_layer_equals_torch_autograd_with_the_same_mask(p):
+def test_one_layer_equals_torch_autograd_with_the_same_mask(p, compiled):
     from cpuft.fastpaths.fused_lora import keep_mask, keep_scale, lora_linear
 
     generator = torch.Generator().manual_seed(0)
@@ -84,7 +85,7 @@ def test_one_layer_equals_torch_autograd_with_the_same_mask(p):
     grad_out = torch.randn(3, 37, 40, generator=generator)
 
     torch.manual_seed(7)
-    out = lora_linear(x, weight, bias, lora_a, lora_b, 2.0, p)
+    out = lora_linear(x, weight, bias, lora_a, lora_b, 2.0, p, compiled)
     got = torch.autograd.grad(out, (x, lora_a, lora_b), grad_out)
     torch.manual_seed(7)  # the same draws: the same mask
     keep = keep_mask((3 * 37, 24), p).view(3, 37, 24) if p else torch.ones(3, 37, 24, dtype=torch.bool)
@@ -171,6 +172,30 @@ def test_autocast_bf16_runs_in_bf16_and_returns_fp32_adapter_gradients():
     assert all(g.dtype == torch.float32 for g in fused_grads.values())
     assert abs(fused_loss - peft_loss) <= 1e-2 * abs(peft_loss)  # bf16: 8 bits of mantissa
     _assert_close(fused_grads, peft_grads, 5e-2)
+
+
+@pytest.mark.parametrize("fused_adamw", [True, False], ids=["fused-adamw", "adamw"])
+def test_bf16_working_copies_follow_every_optimizer_step(fused_adamw):
+    """Under bf16 autocast the fp32 adapter is cast once and reused until it changes; fused AdamW
+    updates it in place without bumping its version: the next step must still see the new weights
+    (the loss equals stock PEFT's on the same updated weights)."""
+    from cpuft.fastpaths.fused_lora import fuse_lora_layers
+
+    stock, fused, batch = lora_llama(), lora_llama(), _batch()
+    fuse_lora_layers(fused)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=fused_adamw)
+                  for m in (stock, fused)]
+    for _ in range(3):
+        losses = []
+        for model, optimizer in zip((stock, fused), optimizers):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        assert abs(losses[1] - losses[0]) <= 1e-2 * abs(losses[0])
+    assert losses[0] < 5.7  # both trained: ln(300) = 5.70 at the start
 
 
 def test_layers_it_cannot_fuse_keep_peft_forward():

@@ -40,16 +40,24 @@ MASK_LANES = 4
 MASK_LEVELS = 1 << 16
 
 
-def keep_mask(shape, p: float, generator=None):
-    """A bool tensor of `shape`: True with probability 1 - p (p rounded to a multiple of 1/65536)."""
+def keep_lanes(shape, generator=None):
+    """A uniform int16 tensor of `shape`: four 16-bit lanes from each 64-bit draw."""
     count = 1
     for size in shape:
         count *= size
     words = torch.randint(-(1 << 63), (1 << 63) - 1, ((count + MASK_LANES - 1) // MASK_LANES,),
                           dtype=torch.int64, generator=generator)
-    lanes = words.view(torch.int16)[:count]
-    threshold = round(p * MASK_LEVELS) - MASK_LEVELS // 2  # lanes are uniform over [-32768, 32767]
-    return (lanes >= threshold).view(shape)
+    return words.view(torch.int16)[:count].view(shape)
+
+
+def keep_threshold(p: float) -> int:
+    """The lane value from which an element is kept: lanes are uniform over [-32768, 32767]."""
+    return round(p * MASK_LEVELS) - MASK_LEVELS // 2
+
+
+def keep_mask(shape, p: float, generator=None):
+    """A bool tensor of `shape`: True with probability 1 - p (p rounded to a multiple of 1/65536)."""
+    return keep_lanes(shape, generator) >= keep_threshold(p)
 
 
 def keep_scale(p: float) -> float:
@@ -57,59 +65,104 @@ def keep_scale(p: float) -> float:
     return 1.0 / (1.0 - round(p * MASK_LEVELS) / MASK_LEVELS)
 
 
+def drop_input(flat, p: float, compiled: bool):
+    """(flat with dropout p applied and the kept elements scaled by keep_scale(p), the keep mask)."""
+    lanes = keep_lanes(flat.shape)
+    threshold, scale = keep_threshold(p), keep_scale(p)
+    if compiled:  # one fused pass (cpuft.fastpaths.compiled_elementwise)
+        from cpuft.fastpaths.compiled_elementwise import drop
+
+        return drop(flat, lanes, threshold, scale)
+    keep = lanes >= threshold
+    return torch.where(keep, flat, 0).mul_(scale), keep
+
+
+def add_dropped_gradient(grad_x, grad_dropped, keep, p: float, compiled: bool):
+    """grad_x + grad_dropped * keep_scale(p) where the input was kept: dropout's backward."""
+    if compiled:
+        from cpuft.fastpaths.compiled_elementwise import add_kept
+
+        return add_kept(grad_x, grad_dropped, keep, keep_scale(p))
+    return grad_x.add_(torch.where(keep, grad_dropped, 0), alpha=keep_scale(p))
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + scaling * ((x * keep * q) A^T) B^T, W and b frozen; q = keep_scale(p)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, compiled: bool = False):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         with torch.autocast("cpu", enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            a, b = working_copy(lora_a, dtype), working_copy(lora_b, dtype)
             out = torch.nn.functional.linear(flat, weight.to(dtype), None if bias is None else bias.to(dtype))
-            keep = keep_mask(flat.shape, p) if p > 0 else None
-            dropped = flat if keep is None else flat * keep
+            # The dropped (and rescaled) input is what A's gradient needs: it is kept in place of x.
+            dropped, keep = drop_input(flat, p, compiled) if p > 0 else (flat, None)
             h = torch.mm(dropped, a.t())
-            if keep is not None:
-                h.mul_(keep_scale(p))
             out.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(flat, keep, h, weight, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.dtype, ctx.x_dtype = scaling, p, dtype, x.dtype
+        ctx.save_for_backward(dropped, keep, h, weight, lora_a, lora_b)
+        ctx.scaling, ctx.p, ctx.dtype, ctx.x_dtype, ctx.compiled = scaling, p, dtype, x.dtype, compiled
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out):
-        flat, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
+        dropped, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
         scaling, p, dtype = ctx.scaling, ctx.p, ctx.dtype
         with torch.autocast("cpu", enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            a, b = working_copy(lora_a, dtype), working_copy(lora_b, dtype)
             grad_h = torch.mm(g, b).mul_(scaling)  # [tokens, r]
             grad_b = torch.mm(g.t(), h).mul_(scaling) if lora_b.requires_grad else None
-            grad_a = None
-            if lora_a.requires_grad:
-                dropped = flat if keep is None else flat * keep
-                grad_a = torch.mm(grad_h.t(), dropped)
-                if keep is not None:
-                    grad_a.mul_(keep_scale(p))
+            grad_a = torch.mm(grad_h.t(), dropped) if lora_a.requires_grad else None
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = torch.mm(g, weight.to(dtype))
                 if keep is None:
                     grad_x.addmm_(grad_h, a)
                 else:
-                    grad_x.addcmul_(torch.mm(grad_h, a), keep, value=keep_scale(p))
+                    grad_x = add_dropped_gradient(grad_x, torch.mm(grad_h, a), keep, p, ctx.compiled)
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None, None, None if grad_a is None else grad_a.to(lora_a.dtype),
-                None if grad_b is None else grad_b.to(lora_b.dtype), None, None)
+                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, p: float):
-    """The fused LoRA linear (see the module docstring); differentiable in x, lora_a and lora_b."""
-    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, p)
+# Bumped after every optimizer step, by a global step hook registered on first use: fused
+# AdamW updates parameters in place without bumping their version counters.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+def working_copy(param, dtype):
+    """`param` in `dtype`, cast once per change rather than at every call (LoRA's A and B are
+    fp32 masters under bf16 autocast: 14 small casts per layer each way measured ~3 ms a layer).
+    The cast is cached on the tensor, keyed by the count of optimizer steps taken in this
+    process and by the tensor's version counter (loading weights, DDP's broadcast)."""
+    if param.dtype == dtype:
+        return param.detach()
+    if _optimizer_steps[0] == 0 and not getattr(_count_optimizer_step, "registered", False):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_count_optimizer_step)
+        _count_optimizer_step.registered = True
+    key = (_optimizer_steps[0], param._version, dtype)
+    cached = getattr(param, "_cpuft_working_copy", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    copy = param.detach().to(dtype)
+    param._cpuft_working_copy = (key, copy)
+    return copy
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, p: float, compiled: bool = False):
+    """The fused LoRA linear (see the module docstring); differentiable in x, lora_a and lora_b.
+    `compiled`: dropout's passes as cpuft.fastpaths.compiled_elementwise kernels."""
+    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, p, compiled)
 
 
 def why_not_fused(module) -> str | None:
@@ -144,12 +197,12 @@ def _fused_forward(self, x, *args, **kwargs):
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
     base = self.base_layer
     return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                       float(self.scaling[name]), p)
+                       float(self.scaling[name]), p, self._cpuft_compiled)
 
 
-def fuse_lora_layers(model) -> tuple[int, int]:
-    """Give every fusable PEFT LoRA Linear in `model` the fused training forward;
-    (layers fused, LoRA layers left with PEFT's forward)."""
+def fuse_lora_layers(model, compiled: bool = False) -> tuple[int, int]:
+    """Give every fusable PEFT LoRA Linear in `model` the fused training forward (`compiled`:
+    dropout's passes as compiled kernels); (layers fused, LoRA layers left with PEFT's forward)."""
     from peft.tuners.lora import LoraLayer
 
     fused = kept = 0
@@ -158,6 +211,7 @@ def fuse_lora_layers(model) -> tuple[int, int]:
             continue
         if why_not_fused(module) is None:
             module.forward = types.MethodType(_fused_forward, module)
+            module._cpuft_compiled = compiled
             fused += 1
         else:
             kept += 1

@@ -51,6 +51,14 @@ PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2"
 COMPILE_WARMUP_SECONDS = 45.0
 COMPILE_STEADY_GAIN = 0.11
 COMPILE_MIN_STEPS_CPU = 5000
+# cpuft.fastpaths.compiled_elementwise: inductor's first compile of its kernels (forward and
+# backward, bf16 or fp32) measured ~25 s on a 2-core EPYC, a few seconds once inductor's disk
+# cache holds them; they saved ~0.5 s per 4 x 512 micro-batch at Qwen2.5-0.5B's shapes there, so a
+# run of ELEMENTWISE_COMPILE_MIN_STEPS steps repays it from ~50M parameters (docs/speed.md).
+ELEMENTWISE_COMPILE_WARMUP_SECONDS = 25.0
+ELEMENTWISE_COMPILE_MIN_PARAMS = 50_000_000
+ELEMENTWISE_COMPILE_MIN_STEPS = 20
+ELEMENTWISE_COMPILE_MEASURED = "measured at Qwen2.5-0.5B's shapes: see docs/speed.md"
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class PlanRequest:
     attn_implementation: str | None = None
     max_steps: int | None = None  # sizes the torch.compile decision; None or -1: unknown
     torch_compile: bool | None = None
+    compiled_elementwise: bool | None = None  # None: the planner decides (run length, model size, a compiler)
     model_params: int | None = None  # from the model's config, when known; sizes the NF4 decision
     ranks_per_node: int = 1  # DDP processes on each node (torchrun's --nproc-per-node)
     nodes: int = 1  # machines in the job (torchrun's --nnodes)
@@ -117,6 +126,7 @@ class Plan:
     torch_compile: bool = False
     cpu_lm_head: bool = False  # cpuft.fastpaths.chunked_loss: lm_head + loss at labelled positions, heap-sized tiles
     fused_lora: bool = False  # cpuft.fastpaths.fused_lora: each LoRA linear's training pass as one autograd node
+    compiled_elementwise: bool = False  # cpuft.fastpaths.compiled_elementwise: norms, rotary, SiLU, dropout compiled
     # The model's own facts (cpuft.planning.architecture); None when the request had none.
     model_class: str | None = None
     task_type: str | None = None
@@ -184,6 +194,7 @@ class Plan:
             "torch_compile": "on" if self.torch_compile else "off",
             "cpu_lm_head": "on" if self.cpu_lm_head else "off",
             "fused_lora": "on" if self.fused_lora else "off",
+            "compiled_elementwise": "on" if self.compiled_elementwise else "off",
             "peak_flops": peak,
         }
         if self.job == "dpo":
@@ -304,6 +315,7 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
     torch_compile = _choose_compile(request, device, reasons)
     cpu_lm_head = _choose_cpu_eager_path("cpu_lm_head", device, torch_compile, reasons)
     fused_lora = _choose_cpu_eager_path("fused_lora", device, torch_compile, reasons)
+    compiled_elementwise = _choose_compiled_elementwise(request, device, torch_compile, reasons)
 
     peak = _peak_flops(machine, device, compute_dtype, threads, reasons)
     plan = Plan(
@@ -324,6 +336,7 @@ def plan_for(machine: Machine, request: PlanRequest) -> Plan:
         torch_compile=torch_compile,
         cpu_lm_head=cpu_lm_head,
         fused_lora=fused_lora,
+        compiled_elementwise=compiled_elementwise,
         ranks_per_node=request.ranks_per_node,
         nodes=request.nodes,
     )
@@ -403,6 +416,45 @@ def _choose_cpu_eager_path(name: str, device: str, torch_compile: bool, reasons:
         reasons[name] = f"off under torch.compile: {off_compiled}"
         return False
     reasons[name] = f"on: {on}"
+    return True
+
+
+def _choose_compiled_elementwise(request: PlanRequest, device: str, torch_compile: bool, reasons: dict) -> bool:
+    """cpuft.fastpaths.compiled_elementwise: on where its one-time compile is repaid (see the constants)."""
+    name = "compiled_elementwise"
+    if device != "cpu":
+        reasons[name] = "off: on CUDA the elementwise passes are cheap next to the GEMMs"
+        return False
+    if torch_compile:
+        reasons[name] = "off under torch.compile: inductor compiles the whole model"
+        return False
+    if request.compiled_elementwise is not None:
+        reasons[name] = "requested"
+        return request.compiled_elementwise
+    from cpuft.fastpaths.compiled_elementwise import why_not_compiled
+
+    why_not = why_not_compiled()
+    if why_not:
+        reasons[name] = f"off: {why_not}"
+        return False
+    params, steps = request.model_params, request.max_steps
+    if params is not None and params < ELEMENTWISE_COMPILE_MIN_PARAMS:
+        reasons[name] = (
+            f"off: a {params / 1e6:.0f}M-parameter model's elementwise passes take too little time to repay"
+            f" the kernels' one-time compile (~{ELEMENTWISE_COMPILE_WARMUP_SECONDS:.0f} s); on from"
+            f" {ELEMENTWISE_COMPILE_MIN_PARAMS / 1e6:.0f}M parameters"
+        )
+        return False
+    if steps is not None and 0 < steps < ELEMENTWISE_COMPILE_MIN_STEPS:
+        reasons[name] = (
+            f"off: {steps} steps do not repay the kernels' one-time compile"
+            f" (~{ELEMENTWISE_COMPILE_WARMUP_SECONDS:.0f} s); on from {ELEMENTWISE_COMPILE_MIN_STEPS} steps"
+        )
+        return False
+    reasons[name] = (
+        "on: RMSNorm, rotary, SiLU-and-multiply and LoRA dropout as compiled kernels, one pass each"
+        " way for every sequence length; " + ELEMENTWISE_COMPILE_MEASURED
+    )
     return True
 
 

@@ -17,6 +17,9 @@ fixed utilisation was 3-10x optimistic, because most of a CPU step is not in the
   1-layer time minus one layer and its small head;
 - one AdamW step over LoRA tensors of the run's shapes and count.
 
+`step_costs_by_dtype` measures one micro-batch in fp32 and bf16 alike, interleaved, for the
+plan's dtype choice (cpuft.planning.dtype_choice).
+
 `step_costs` caches each measurement in ~/.cache/cpuft/step-costs/ (CPUFT_CACHE_DIR overrides
 the root) keyed by the config, the shape, the dtypes, the adapter, the threads, the CPU and the
 torch version, so `cpuft plan` stays quick the second time.
@@ -33,7 +36,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # Tokens one measurement pass may use: enough for the GEMMs to run at the micro-batch's speed,
@@ -46,6 +49,8 @@ LAYER_MODEL_VOCAB = 256
 HEAD_VOCAB_CHUNK = 32768
 HEAD_TOKENS = 256
 CACHE_VERSION = 1
+# Rounds of an interleaved comparison (step_costs_by_dtype): each dtype keeps its fastest round.
+COMPARE_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,49 @@ def step_costs(model_config, settings, plan, rows: int, seq_len: int) -> StepCos
     """The cached measurement of a micro-batch of `rows` x `seq_len` for the run `settings`
     (cpuft.planning.memory.RunSettings: dtypes, adapter, attention, optimizer) under `plan`
     (threads, adapter dtype, the fast paths it turns on), or a fresh one (a few seconds)."""
-    import torch
+    key, path = _cache_entry(model_config, settings, plan, rows, seq_len)
+    costs = _read_cached(path)
+    if costs is None:
+        costs = measure_step_costs(model_config, settings, plan, rows, seq_len)
+        _write_cached(path, key, costs)
+    return costs
 
-    from cpuft.artifacts import atomic_write_json
+
+def step_costs_by_dtype(model_config, settings, plan, rows: int, seq_len: int,
+                        dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, StepCosts]:
+    """{dtype: StepCosts} of one micro-batch run in each of `dtypes` (weights and compute), all
+    else as `settings` and `plan`; cached as `step_costs` caches them. Measured interleaved
+    (A B A B), each dtype's fastest of COMPARE_ROUNDS kept: a machine busy for a moment slows
+    one round, not one dtype, so the comparison stays fair on a shared CPU."""
+    runs = {dtype: (replace(settings, weights_dtype=dtype, compute_dtype=dtype),
+                    replace(plan, weights_dtype=dtype, compute_dtype=dtype)) for dtype in dtypes}
+    entries = {dtype: _cache_entry(model_config, *runs[dtype], rows, seq_len) for dtype in dtypes}
+    cached = {dtype: _read_cached(path) for dtype, (_, path) in entries.items()}
+    if all(cached.values()):
+        return cached
+    rounds = {dtype: [] for dtype in dtypes}
+    for _ in range(COMPARE_ROUNDS):
+        for dtype, (settings_in, plan_in) in runs.items():
+            rounds[dtype].append(measure_step_costs(model_config, settings_in, plan_in, rows, seq_len))
+    best = {}
+    for dtype, measured in rounds.items():
+        # The round least slowed by other work, whole: the parts are differences of one round's timings.
+        best[dtype] = replace(min(measured, key=_forward_backward_seconds),
+                              measure_seconds=sum(c.measure_seconds for c in measured))
+        key, path = entries[dtype]
+        _write_cached(path, key, best[dtype])
+    return best
+
+
+def _forward_backward_seconds(costs: StepCosts) -> float:
+    """A micro-batch's measured forward and backward, every part summed (no optimizer step)."""
+    layers = costs.num_layers * (costs.layer_forward_seconds + costs.layer_backward_seconds)
+    return layers + costs.head_seconds_per_token * costs.rows * costs.seq_len + costs.other_seconds
+
+
+def _cache_entry(model_config, settings, plan, rows: int, seq_len: int) -> tuple[dict, Path]:
+    """(the key a measurement is cached under, its file): everything the timing depends on."""
+    import torch
 
     key = {
         "version": CACHE_VERSION, "config": model_config.to_dict(), "rows": rows, "seq_len": seq_len,
@@ -93,19 +138,26 @@ def step_costs(model_config, settings, plan, rows: int, seq_len: int) -> StepCos
         "cpu": torch.cpu.get_capabilities().get("cpu_name", "") if hasattr(torch.cpu, "get_capabilities") else "",
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = cache_dir() / f"{digest}.json"
+    return key, cache_dir() / f"{digest}.json"
+
+
+def _read_cached(path: Path) -> StepCosts | None:
     if path.is_file():
         try:
             return StepCosts(**json.loads(path.read_text())["costs"])
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable or older entry: measure again and overwrite it
-    costs = measure_step_costs(model_config, settings, plan, rows, seq_len)
+    return None
+
+
+def _write_cached(path: Path, key: dict, costs: StepCosts) -> None:
+    from cpuft.artifacts import atomic_write_json
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"key": key, "costs": costs.to_dict()})
     except OSError:
         pass  # a read-only home: the plan still has its numbers, it just measures next time too
-    return costs
 
 
 def measure_step_costs(model_config, settings, plan, rows: int, seq_len: int) -> StepCosts:
@@ -177,10 +229,9 @@ def _two_layer_model(model_config, settings, plan):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch_dtype(plan.adapter_dtype))
-    if plan.fused_lora:
-        from cpuft.fastpaths.fused_lora import fuse_lora_layers
+    from cpuft.fastpaths import apply_fast_paths
 
-        fuse_lora_layers(model)
+    apply_fast_paths(model, plan)
     model.train()
     first_block = f".{_layers_path(model.get_base_model())}.0."
     first_layer = [p for n, p in model.named_parameters() if p.requires_grad and first_block in n]

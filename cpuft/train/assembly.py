@@ -71,6 +71,7 @@ def apply_plan_patches(trainer, plan: Plan, data: TrainingSet) -> None:
     """What cpuft changes in a constructed trainer, each because the plan or the data asks."""
     from transformers import PrinterCallback, ProgressCallback
 
+    from cpuft.fastpaths import apply_fast_paths
     from cpuft.train.model_loading import keep_adapter_dtype
 
     keep_adapter_dtype(trainer, plan)
@@ -78,10 +79,7 @@ def apply_plan_patches(trainer, plan: Plan, data: TrainingSet) -> None:
         from cpuft.fastpaths.chunked_loss import use_cpu_lm_head
 
         use_cpu_lm_head(trainer)
-    if plan.fused_lora:  # why: the plan's reasons["fused_lora"]; proof: tests/test_fused_lora.py
-        from cpuft.fastpaths.fused_lora import fuse_lora_layers
-
-        fuse_lora_layers(trainer.model)
+    apply_fast_paths(trainer.model, plan)
     if data.default_template is not None:
         from cpuft.train.peft_methods import let_trl_read_trained_head_rows, save_only_trained_token_rows
 

@@ -1,0 +1,226 @@
+"""The decoder layer's elementwise work as compiled kernels: RMSNorm, rotary embedding, SiLU-and-
+multiply, and the LoRA dropout masks, each one fused pass forward and one backward.
+
+In eager PyTorch every elementwise op is its own pass over the activations: Llama's RMSNorm is
+eight (a cast to fp32, pow, mean, add, rsqrt, mul, a cast back, mul by the weight) and autograd
+keeps the fp32 copies; rotary embedding is five per tensor (mul, two slices, neg, cat, mul,
+add); `silu(gate) * up` two, and their backward as many again. On a CPU each pass is memory
+bound, so once the GEMMs run in bf16 these passes are a large share of the step
+(docs/speed.md, "Where the step's time goes"). Here each is one `torch.compile(dynamic=True)`
+function: inductor emits one vectorised C++ loop for its forward and one for its backward, with
+symbolic shapes, so one compile serves every sequence length and batch (no recompile per
+length, unlike compiling the whole model); the GEMMs, attention and the fused LoRA node stay
+eager (cpuft.fastpaths.fused_lora).
+
+`compile_elementwise(model)` swaps them in where a module computes exactly the function
+compiled here, checked numerically on random inputs at swap time (a norm with a different
+formula, e.g. Gemma's 1 + weight, keeps its own forward):
+- RMSNorm modules (`weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)`),
+- gated MLPs (`down(silu(gate(x)) * up(x))`),
+- the rotary embedding of each attention module (its modeling module's `apply_rotary_pos_emb`,
+  swapped in only while that attention's forward runs);
+- TRL's lm_head + loss tiles (`compile_head_tiles`): its log-softmax, entropy and top-1 folded
+  over each logits tile in one compiled pass instead of ~12 eager ones, forward and backward.
+
+Costs: inductor's first compile of these functions took ~25 s on a 2-core EPYC (cached on disk
+by inductor afterwards: a few seconds); the plan turns this on only for runs that repay it
+(cpuft.planning.plan, field `compiled_elementwise`). Needs a C++ compiler (`why_not_compiled`).
+
+The same function: tests/test_compiled_elementwise.py (each kernel against the eager formula,
+forward and backward; TRL's head with compiled tiles against its eager tiles; a whole model's loss
+and LoRA gradients against stock PEFT's).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+import types
+
+import torch
+
+# The inductor-compiled kernels keep intermediates in fp32 where eager rounds to bf16 between
+# ops, so a swapped-in function may differ from the module's eager one by bf16 rounding.
+CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def why_not_compiled() -> str | None:
+    """Why the compiled kernels cannot be built here (inductor's CPU backend compiles C++); None if they can."""
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None and shutil.which("c++") is None:
+        return f"no C++ compiler on PATH ({compiler}); inductor's CPU kernels need one"
+    return None
+
+
+def _compiled(function):
+    """`function` compiled with symbolic shapes on first call (importing inductor costs seconds)."""
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(function, dynamic=True)
+        return compiled(*args, **kwargs)
+
+    call.eager = function
+    return call
+
+
+def _rms_norm(x, weight, eps: float):
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _swiglu(gate, up):
+    return torch.nn.functional.silu(gate) * up
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _drop(x, lanes, threshold: int, scale: float):
+    """(x where lanes >= threshold, scaled by `scale`, else 0; the keep mask)."""
+    keep = lanes >= threshold
+    return torch.where(keep, x * scale, 0).to(x.dtype), keep
+
+
+def _add_kept(total, addend, keep, scale: float):
+    """total + addend * scale where keep, total elsewhere: dropout's backward into the input gradient."""
+    return total + torch.where(keep, addend * scale, 0).to(total.dtype)
+
+
+rms_norm = _compiled(_rms_norm)
+swiglu = _compiled(_swiglu)
+rotary = _compiled(_rotary)
+drop = _compiled(_drop)
+add_kept = _compiled(_add_kept)
+
+
+def _close(a, b) -> bool:
+    tolerance = CHECK_TOLERANCE.get(a.dtype, 1e-5)
+    return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=tolerance, atol=tolerance))
+
+
+def _sample(shape, dtype):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def _is_plain_rms_norm(module) -> bool:
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) \
+            or weight.dim() != 1 or not isinstance(eps, float):
+        return False
+    x = _sample((2, 3, weight.shape[0]), weight.dtype)
+    with torch.no_grad():
+        return _close(module(x), _rms_norm(x, weight, eps))
+
+
+def _norm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self._cpuft_eps)
+
+
+def _is_gated_silu_mlp(module) -> bool:
+    if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    if not isinstance(module.act_fn, torch.nn.SiLU) and type(module.act_fn).__name__ != "SiLUActivation":
+        return False
+    weight = next(module.parameters())
+    x = _sample((2, 3, module.gate_proj.in_features), weight.dtype)
+    was_training = module.training
+    module.eval()  # LoRA dropout off for the check
+    try:
+        with torch.no_grad():
+            reference = module.down_proj(_swiglu(module.gate_proj(x), module.up_proj(x)))
+            return _close(module(x), reference)
+    finally:
+        module.train(was_training)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _rotary_computes_the_same(original, head_dim: int, dtype) -> bool:
+    q, k = _sample((2, 3, 4, head_dim), dtype), _sample((2, 1, 4, head_dim), dtype).flip(-1)
+    cos, sin = _sample((2, 4, head_dim), dtype), _sample((2, 4, head_dim), dtype).flip(0)
+    try:
+        with torch.no_grad():
+            theirs, ours = original(q, k, cos, sin), _rotary(q, k, cos, sin)
+    except Exception:  # a different signature: not the function compiled here
+        return False
+    return all(_close(a, b) for a, b in zip(theirs, ours))
+
+
+def _swap_rotary(attention, checked: dict) -> bool:
+    """Make `attention` call the compiled rotary where its modeling module's `apply_rotary_pos_emb`
+    computes `_rotary`. The attention's forward reads that module global, so this instance's
+    forward swaps it in for the length of its own call only: other models keep theirs."""
+    module = sys.modules.get(type(attention).__module__)
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    head_dim = getattr(attention, "head_dim", None)
+    if original is None or not isinstance(head_dim, int) or head_dim % 2:
+        return False
+    key = (type(attention), head_dim)
+    if key not in checked:
+        checked[key] = _rotary_computes_the_same(original, head_dim, next(attention.parameters()).dtype)
+    if not checked[key]:
+        return False
+    forward = attention.forward
+
+    def forward_with_compiled_rotary(*args, **kwargs):
+        module.apply_rotary_pos_emb = rotary
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            module.apply_rotary_pos_emb = original
+
+    attention.forward = forward_with_compiled_rotary
+    return True
+
+
+def compile_head_tiles() -> bool:
+    """Compile TRL's CPU lm_head + loss tile functions (trl.kernels.chunked_logprob `_forward_tile`
+    and `_backward_tile`, the torch-op fallback of its Triton kernels, called once per
+    [tokens, columns] tile: ~12 eager passes each way over every logit). TRL's own code, compiled:
+    the same function, so the swap is for the process. False when TRL has no such functions."""
+    from trl.kernels import chunked_logprob as kernel
+
+    for name in ("_forward_tile", "_backward_tile"):
+        function = getattr(kernel, name, None)
+        if function is None:
+            return False
+        if not getattr(function, "cpuft_compiled", False):
+            compiled = _compiled(function)
+            compiled.cpuft_compiled = True
+            setattr(kernel, name, compiled)
+    return True
+
+
+def compile_elementwise(model) -> dict[str, int]:
+    """Swap the compiled kernels into `model` wherever they compute the module's own function, and
+    compile TRL's lm_head + loss tiles; counts of {"rms_norm", "mlp", "rotary", "head_tiles"} swapped."""
+    counts = {"rms_norm": 0, "mlp": 0, "rotary": 0, "head_tiles": int(compile_head_tiles())}
+    rotary_checked: dict[tuple, bool] = {}
+    for module in model.modules():
+        if _is_plain_rms_norm(module):
+            module._cpuft_eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 0.0)))
+            module.forward = types.MethodType(_norm_forward, module)
+            counts["rms_norm"] += 1
+        elif _is_gated_silu_mlp(module):
+            module.forward = types.MethodType(_mlp_forward, module)
+            counts["mlp"] += 1
+        elif all(hasattr(module, name) for name in ("q_proj", "k_proj", "head_dim")):
+            counts["rotary"] += _swap_rotary(module, rotary_checked)
+    return counts
