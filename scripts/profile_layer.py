@@ -83,6 +83,10 @@ def build_layer(model_id: str, dtype, dropout: float, variant: str):
         from cpuft.fastpaths import apply_fast_paths
 
         print(apply_fast_paths(layer, SimpleNamespace(fused_lora=True, compiled_elementwise=True)))
+        # The attention switch is a config change (short_row_attention): the layer shares the model's config.
+        from cpuft.fastpaths.short_attention import use_short_row_attention
+
+        use_short_row_attention(model)
     layer.train()
     return layer, model.model.rotary_emb
 

@@ -6,7 +6,8 @@ test_fused_swiglu.py prove it against the stock code) with less non-GEMM work.
 - chunked_loss: lm_head + loss at labelled positions only, in cache-sized tiles (`cpu_lm_head`);
 - fused_swiglu: the MLP's SiLU-and-multiply as one node (measured in scripts/profile_step.py);
 - compiled_elementwise: RMSNorm, rotary, SiLU-and-multiply and LoRA dropout as compiled
-  kernels, one pass each way (`compiled_elementwise`).
+  kernels, one pass each way (`compiled_elementwise`);
+- short_attention: attention over short rows as grouped batched GEMMs (`short_row_attention`).
 
 The plan (cpuft.planning.plan) decides which are on and says why; `apply_fast_paths` applies
 them, for the trainer (cpuft.train.assembly) and for the time plan's layer measurement
@@ -18,7 +19,8 @@ trainer, so the planner can time the same code the run will use (cpuft.planning.
 
 def apply_fast_paths(model, plan) -> dict[str, object]:
     """Apply to `model` (PEFT-wrapped, built for training) the CPU fast paths `plan` turns on
-    (cpuft.planning.plan: `fused_lora`, `compiled_elementwise`); what each did, for the log."""
+    (cpuft.planning.plan: `fused_lora`, `compiled_elementwise`, `short_row_attention`); what each
+    did, for the log."""
     done: dict[str, object] = {}
     compiled = bool(getattr(plan, "compiled_elementwise", False))
     if compiled:  # why: the plan's reasons["compiled_elementwise"]; proof: tests/test_compiled_elementwise.py
@@ -29,4 +31,8 @@ def apply_fast_paths(model, plan) -> dict[str, object]:
         from cpuft.fastpaths.fused_lora import fuse_lora_layers
 
         done["fused_lora"] = fuse_lora_layers(model, compiled=compiled)
+    if getattr(plan, "short_row_attention", False):  # why: reasons["short_row_attention"]; proof: tests/test_short_attention.py
+        from cpuft.fastpaths.short_attention import use_short_row_attention
+
+        done["short_row_attention"] = use_short_row_attention(model)
     return done

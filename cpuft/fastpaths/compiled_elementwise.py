@@ -66,6 +66,7 @@ def _compiled(function):
         return compiled(*args, **kwargs)
 
     call.eager = function
+    call.compiled_yet = lambda: compiled is not None
     return call
 
 
@@ -105,6 +106,12 @@ swiglu = _compiled(_swiglu)
 rotary = _compiled(_rotary)
 drop = _compiled(_drop)
 add_kept = _compiled(_add_kept)
+
+
+def compiled_in_this_process() -> bool:
+    """Whether the layer kernels were compiled already (e.g. by the time plan's measurement):
+    then a run in this process pays no compile warm-up."""
+    return all(kernel.compiled_yet() for kernel in (rms_norm, swiglu, rotary))
 
 
 def _close(a, b) -> bool:

@@ -432,6 +432,14 @@ def _measured_time(plan, settings, tokens, epochs, mean_seq_len, model_config, f
         costs, micro_batches, optimizer_steps, settings.gradient_checkpointing, head_tokens,
         plan.allreduce.seconds if plan.allreduce else 0.0, length_scale=row_tokens / measured_len,
     )
+    if getattr(plan, "compiled_elementwise", False):
+        from cpuft.fastpaths.compiled_elementwise import compiled_in_this_process
+        from cpuft.planning.plan import ELEMENTWISE_COMPILE_WARMUP_SECONDS
+
+        # Compiled while the step was measured (this process): already paid. Otherwise the
+        # first run on a machine pays it whole (inductor's disk cache shortens later ones).
+        parts["compile warm-up"] = 0.0 if compiled_in_this_process() else ELEMENTWISE_COMPILE_WARMUP_SECONDS
+        seconds += parts["compile warm-up"]
     seconds_per_epoch = seconds / epochs if epochs else 0.0
     return TimeEstimate(
         tokens=tokens, epochs=epochs, flops_per_token=flops_per_token,
