@@ -54,13 +54,17 @@ def why_not_compiled() -> str | None:
     return None
 
 
-def _compiled(function):
-    """`function` compiled with symbolic shapes on first call (importing inductor costs seconds)."""
+def _compiled(function, training_only: bool = False):
+    """`function` compiled with symbolic shapes on first call (importing inductor costs seconds).
+    `training_only`: without gradients (evaluation, generation) run it eagerly, sparing inductor a
+    second compile for inference graphs that a training run rarely uses."""
     compiled = None
 
     @functools.wraps(function)
     def call(*args, **kwargs):
         nonlocal compiled
+        if training_only and not torch.is_grad_enabled():
+            return function(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(function, dynamic=True)
         return compiled(*args, **kwargs)
@@ -101,9 +105,11 @@ def _add_kept(total, addend, keep, scale: float):
     return total + torch.where(keep, addend * scale, 0).to(total.dtype)
 
 
-rms_norm = _compiled(_rms_norm)
-swiglu = _compiled(_swiglu)
-rotary = _compiled(_rotary)
+# The layer's kernels run where autograd records; the dropout kernels run inside the fused LoRA
+# node's forward and backward, where it does not (gradients off by design), so they always compile.
+rms_norm = _compiled(_rms_norm, training_only=True)
+swiglu = _compiled(_swiglu, training_only=True)
+rotary = _compiled(_rotary, training_only=True)
 drop = _compiled(_drop)
 add_kept = _compiled(_add_kept)
 
