@@ -11,11 +11,13 @@ time goes to one category:
 
 - frozen-weight GEMMs: aten mm/addmm/bmm/linear whose shapes do not contain the LoRA rank;
 - LoRA matmuls: the same ops with the LoRA rank among their dimensions;
-- attention: SDPA's kernels, forward and backward;
+- attention: SDPA's kernels, forward and backward, and the batched GEMMs (aten::bmm) of cpuft's
+  short-row attention;
 - lm_head GEMMs, and the loss: under TRL's chunked log-prob function (forward and backward), its
   matmuls, and everything else (log-softmax, entropy, top-1);
 - optimizer: everything under optimizer.step() and zero_grad();
-- elementwise and casts: every other aten op (norms, rotary, activations, dropout masks, copies);
+- elementwise and casts: every other aten op (norms, rotary, activations, dropout masks, copies)
+  and inductor's compiled graphs (cpuft.fastpaths.compiled_elementwise);
 - Python and framework overhead: the step's wall time minus the ops' summed self time.
 
 Allocator cost shows as minor page faults and system CPU time (the kernel zeroing pages it hands
@@ -148,15 +150,15 @@ def categorise(events, lora_rank: int) -> dict[str, float]:
         elif any(a == "cpuft:lm_head+loss" or "ChunkedLogProbFunction" in a for a in ancestors) \
                 or "ChunkedLogProbFunction" in name:
             category = "lm_head GEMMs" if name in MATMUL_OPS else "loss (outside the head's GEMMs)"
-        elif "scaled_dot_product" in name or "flash_attention" in name:
-            category = "attention"
+        elif "scaled_dot_product" in name or "flash_attention" in name or name == "aten::bmm":
+            category = "attention"  # aten::bmm: cpuft's short-row attention (linear layers run mm/addmm)
         elif any("scaled_dot_product" in a or "flash_attention" in a for a in ancestors):
             category = "attention"
         elif name in MATMUL_OPS:
             dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
             category = "LoRA matmuls" if lora_rank in dims else "frozen-weight GEMMs"
-        elif name.startswith("aten::"):
-            category = "elementwise and casts"
+        elif name.startswith("aten::") or name.startswith("## Call CompiledFxGraph"):
+            category = "elementwise and casts"  # compiled graphs: cpuft.fastpaths.compiled_elementwise
         else:
             continue  # autograd engine wrappers, python frames: their self time is bookkeeping
         seconds[category] += event.self_cpu_time_total / 1e6

@@ -68,7 +68,16 @@ def test_bench_variants_differ_only_where_they_should(tiny_bench):
     defaults, tuned, cpuft = (report["variants"][v] for v in ("trl_defaults", "trl_tuned", "cpuft"))
     assert defaults["compute_dtype"] == "bf16" and defaults["gradient_checkpointing"]  # TRL's defaults
     assert tuned["compute_dtype"] == ("bf16" if native_bf16 else "fp32") and not tuned["gradient_checkpointing"]
-    assert cpuft["compute_dtype"] == ("bf16" if native_bf16 else "fp32") and not cpuft["gradient_checkpointing"]
+    assert not cpuft["gradient_checkpointing"]
+    if native_bf16 and "so the machine was busy" not in cpuft["compute_dtype_reason"]:
+        # A model this small: the plan timed a micro-batch in each dtype and kept the faster.
+        assert cpuft["compute_dtype_reason"].startswith("auto: measured at")
+        assert f"; {cpuft['compute_dtype']}, " in cpuft["compute_dtype_reason"]
+        assert report["cpuft_compute_dtype"] == cpuft["compute_dtype"]
+    elif native_bf16:  # too busy to tell the dtypes apart: the fixed rule
+        assert cpuft["compute_dtype"] == "bf16"
+    else:
+        assert cpuft["compute_dtype"] == "fp32"
     assert len({run["trainable_params"] for run in report["variants"].values()}) == 1  # same LoRA everywhere
 
 
@@ -102,6 +111,58 @@ def test_speedup_vs_best_trl_names_the_fastest_trl_run(tiny_bench):
         assert report["speedup_vs_best_trl"] <= ratio_to_other * (1 + 1e-9), other
     assert report["speedup_vs_trl_tuned"] is not None  # the old keys stay
     assert f"fastest TRL variant: {fastest}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_trl_best_at_each_micro_batch_trains_the_same_rows_and_the_fastest_is_trl_best(tmp_path):
+    """--trl-micro-batches: one trl_best run per size, each the same packed rows per optimizer step
+    (accumulation makes up the rest); the ratios are against the fastest, checked against each
+    worker's own result file."""
+    out = tmp_path / "bench"
+    proc = run_cpuft("bench", "--size", "tiny", "--steps", "2", "--variants", "trl_best,cpuft",
+                     "--trl-micro-batches", "1,2", "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    runs = {name: json.loads((out / "work" / f"result-{name}.json").read_text()) for name in ("trl_best_mb1", "trl_best_mb2")}
+    assert [runs[n]["batch_size"] for n in runs] == [1, 2]
+    # The same packed rows per optimizer step (at micro-batch 1 all accumulation), rounded up to a whole micro-batch.
+    rows_per_step = runs["trl_best_mb1"]["accumulation"]
+    assert runs["trl_best_mb2"]["accumulation"] == math.ceil(rows_per_step / 2)
+    assert len({run["train_tokens"] for run in runs.values()}) == 1 and all(run["epochs"] == pytest.approx(1.0) for run in runs.values())
+    fastest = max(runs, key=lambda name: runs[name]["tokens_per_second"])
+    assert report["trl_best_run"] == fastest and report["trl_best_micro_batch"] == runs[fastest]["batch_size"]
+    assert report["variants"]["trl_best"]["tokens_per_second"] == runs[fastest]["tokens_per_second"]
+    cpuft = report["variants"]["cpuft"]["tokens_per_second"]
+    assert report["speedup_vs_trl_best"] == pytest.approx(cpuft / runs[fastest]["tokens_per_second"])
+    assert report["speedup_vs_best_trl"] == report["speedup_vs_trl_best"]  # trl_best is the only TRL variant
+    assert "--trl-micro-batches 1,2" in report["command"] and f"{fastest}, the fastest of" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trl-micro-batches", "1,two"], "takes sizes separated by commas"),
+    (["--trl-micro-batches", "0,2"], "distinct sizes of at least 1"),
+    (["--variants", "cpuft", "--trl-micro-batches", "1,2"], "which --variants cpuft leaves out"),
+    (["--job", "dpo", "--trl-micro-batches", "1,2"], "DPOTrainer has no packing"),
+])
+def test_bad_trl_micro_batches_are_refused_before_anything_runs(args, message, tmp_path):
+    proc = run_cpuft("bench", *args, "--out", tmp_path / "bench")
+    assert proc.returncode == 2 and "--trl-micro-batches" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bench").exists()
+
+
+def test_the_3m_size_has_about_3m_parameters():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpuft.bench.sizes import SIZES
+
+    spec = SIZES["3m"].model
+    config = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                         num_key_value_heads=spec.num_kv_heads, tie_word_embeddings=True)  # as build_tiny_model
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert 2.5e6 < params < 3.5e6, params
 
 
 @pytest.mark.parametrize("size, published_params", [
@@ -167,9 +228,14 @@ def test_dpo_bench_trains_both_variants_on_the_same_pairs_and_reports_reward_acc
         assert 0.0 <= run["eval_reward_accuracy"] <= 1.0 and run["eval_pairs"] == report["eval_pairs"] == 8
         assert run["peak_rss_bytes"] > 0
     # The same batch in pairs, LoRA, optimizer and reference (a forward each step) for both.
-    for key in ("batch_size", "accumulation", "trainable_params", "optimizer", "weights_dtype", "compute_dtype",
+    for key in ("batch_size", "accumulation", "trainable_params", "optimizer",
                 "precompute_ref_log_probs", "beta", "loss_type"):
         assert best[key] == cpuft[key], key
+    # The dtype: TRL's best takes bf16 wherever it is native; cpuft's plan may have measured fp32
+    # the faster at this size (cpuft.planning.dtype_choice), and then says so.
+    assert best["weights_dtype"] == best["compute_dtype"] and cpuft["weights_dtype"] == cpuft["compute_dtype"]
+    if cpuft["compute_dtype"] != best["compute_dtype"]:
+        assert cpuft["compute_dtype"] == "fp32" and "measured" in cpuft["compute_dtype_reason"]
     assert best["sampling"] == "group_by_length" and not best["gradient_checkpointing"]
     assert not cpuft["precompute_ref_log_probs"]  # one pass over the pairs: the plan keeps the reference forward
 

@@ -229,3 +229,23 @@ def test_modules_computing_something_else_keep_their_forward():
                 module.weight.normal_()
     counts = compile_elementwise(model)
     assert counts["rms_norm"] == 0 and counts["mlp"] == 0
+
+
+def test_the_plan_compiles_for_models_that_repay_it_and_says_why():
+    from dataclasses import replace
+
+    from cpuft.planning.plan import ELEMENTWISE_COMPILE_MIN_PARAMS, PlanRequest, plan_for
+    from tests.test_plan import SAPPHIRE_RAPIDS
+
+    small = plan_for(SAPPHIRE_RAPIDS, PlanRequest(device="cpu", model_params=4_000_000))
+    assert not small.compiled_elementwise
+    assert "4M-parameter" in small.reasons["compiled_elementwise"]
+    big = plan_for(SAPPHIRE_RAPIDS, PlanRequest(device="cpu", model_params=494_000_000))
+    assert big.compiled_elementwise and big.reasons["compiled_elementwise"].startswith("on:")
+    assert big.short_row_attention and small.short_row_attention  # no warm-up: on for every CPU run
+    whole = plan_for(SAPPHIRE_RAPIDS, PlanRequest(device="cpu", model_params=494_000_000, torch_compile=True))
+    assert not whole.compiled_elementwise and "torch.compile" in whole.reasons["compiled_elementwise"]
+    assert not whole.short_row_attention
+    forced = plan_for(SAPPHIRE_RAPIDS, replace(PlanRequest(device="cpu", model_params=1_000_000), compiled_elementwise=True))
+    assert forced.compiled_elementwise and forced.reasons["compiled_elementwise"] == "requested"
+    assert ELEMENTWISE_COMPILE_MIN_PARAMS > 4_000_000

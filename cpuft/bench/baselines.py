@@ -12,7 +12,10 @@
   refuses padding_free with max_length unless packing).
   Packing fills each row to max_length, so the batch is resized to keep one epoch of the same
   rows in at most the bench's step count (`fit_packed_batch`): every variant trains the same
-  tokens.
+  tokens. With a `trl_micro_batch` in the spec (`cpuft bench --trl-micro-batches`) the rows of
+  each optimizer step stay the same and are trained `trl_micro_batch` packed rows at a time,
+  accumulated: TRL flattens a padding-free micro-batch into one sequence, so its size is the
+  knob that trades GEMM size against attention length.
 
 Limits: trl_defaults and trl_tuned do no length grouping or packing (TRL's random sampler), as
 plain TRL does by default.
@@ -78,28 +81,35 @@ def plain_trl_trainer(spec: dict, variant: str):
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(read_jsonl(spec["train"])),
                          processing_class=tokenizer, peft_config=lora)
     if best:
-        fit_packed_batch(trainer, spec["steps"], spec["accumulation"])
+        fit_packed_batch(trainer, spec["steps"], spec["accumulation"], spec.get("trl_micro_batch"))
     plan = {"compute_dtype": "bf16" if args.bf16 else "fp32", "gradient_checkpointing": bool(args.gradient_checkpointing),
             "threads": torch.get_num_threads(), "sampling": args.train_sampling_strategy, "packing": bool(args.packing),
             "padding_free": bool(getattr(trainer, "padding_free", False)),
             "weights_dtype": str(weights_dtype).removeprefix("torch."),
-            "batch_size": trainer.args.per_device_train_batch_size, "optimizer": getattr(args.optim, "value", args.optim)}
+            "batch_size": trainer.args.per_device_train_batch_size,
+            "accumulation": trainer.args.gradient_accumulation_steps,
+            "optimizer": getattr(args.optim, "value", args.optim)}
     return trainer, facts, plan
 
 
-def fit_packed_batch(trainer, steps: int, accumulation: int) -> None:
+def fit_packed_batch(trainer, steps: int, accumulation: int, micro_batch: int | None = None) -> None:
     """Packed rows per batch so one epoch of the packed dataset takes at most `steps` steps.
 
     Packing turns N conversations into fewer, full rows; with the unpacked batch size and
     max_steps the trainer would loop over the data again and train on more tokens than the
-    other variants. One epoch, in ceil(rows / (steps * accumulation)) rows per micro-batch.
+    other variants. One epoch, in ceil(rows / (steps * accumulation)) rows per micro-batch; with
+    `micro_batch`, the same rows per optimizer step (or the next multiple of `micro_batch`), in
+    micro-batches of `micro_batch` rows (at most a step's rows) and accumulation for the rest.
     """
     rows = len(trainer.train_dataset)
-    trainer.args.per_device_train_batch_size = max(1, math.ceil(rows / (steps * accumulation)))
+    per_step = math.ceil(rows / (steps * accumulation)) * accumulation
+    batch = min(micro_batch, per_step) if micro_batch else per_step // accumulation
+    trainer.args.per_device_train_batch_size = batch
+    trainer.args.gradient_accumulation_steps = math.ceil(per_step / batch)  # the Trainer reads it each step
     # The Trainer copied the batch size at construction; its dataloader reads that copy.
     trainer._train_batch_size = trainer.args.train_batch_size
     trainer.args.num_train_epochs = 1
-    trainer.args.max_steps = math.ceil(rows / (trainer.args.per_device_train_batch_size * accumulation))
+    trainer.args.max_steps = math.ceil(rows / (batch * trainer.args.gradient_accumulation_steps))
 
 
 def plain_trl_dpo_trainer(spec: dict, variant: str):

@@ -4,6 +4,8 @@ The parent validates the options, writes the data and builds the bench model (on
 reused while its spec is unchanged), measures this machine's matmul FLOP/s at the model's MLP
 shape (fp32, and bf16 where native) in a worker of its own, then runs the variants interleaved
 (A B C A B C for --repeats), and writes bench.json and bench.png (cpuft.bench.report).
+`trl_micro_batches` (--trl-micro-batches) puts trl_best's runs at each micro-batch size where
+trl_best would run; the report makes the fastest of them trl_best.
 
 `--job dpo` runs the same machinery on preference pairs (cpuft.bench.data) with the DPO variants
 (cpuft.bench.sizes.DPO_VARIANTS: plain TRL DPOTrainer and `cpuft dpo`'s stages); cpuft_fp32 is
@@ -27,6 +29,7 @@ from cpuft.bench.data import (
 )
 from cpuft.bench.report import build_report, write_bench_chart
 from cpuft.bench.sizes import (
+    CPUFT_FORCED_DTYPES,
     CPUFT_FP32,
     DPO_DEFAULT_VARIANTS,
     DPO_OPTIMIZER_SETTINGS,
@@ -34,11 +37,13 @@ from cpuft.bench.sizes import (
     LORA_SETTINGS,
     OPTIMIZER_SETTINGS,
     SIZES,
+    TRL_BEST,
     VARIANTS,
     BenchSize,
     PublishedShape,
     describe_model,
     job_variants,
+    trl_best_at,
 )
 from cpuft.bench.worker import run_in_worker
 from cpuft.errors import UserError
@@ -55,6 +60,9 @@ class BenchOptions:
     job: str = "sft"  # "sft" or "dpo"
     onednn_verbose: Path | None = None
     seed: int = 42
+    # sft: run trl_best at each of these micro-batch sizes (packed rows) and keep the fastest;
+    # None: once, at the batch that fits one epoch in the steps (cpuft.bench.baselines.fit_packed_batch).
+    trl_micro_batches: tuple[int, ...] | None = None
 
 
 def run_bench(options: BenchOptions, log=print) -> dict:
@@ -91,13 +99,19 @@ def run_bench(options: BenchOptions, log=print) -> dict:
         "native_bf16": machine.native_bf16, "job": options.job,
         **(DPO_OPTIMIZER_SETTINGS if dpo else OPTIMIZER_SETTINGS), **LORA_SETTINGS,
     }
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    # trl_best once per asked micro-batch, each a run of its own name, where trl_best would run.
+    runs_order = [name for v in variants for name in (
+        [trl_best_at(m) for m in options.trl_micro_batches] if v == TRL_BEST and options.trl_micro_batches else [v])]
+    micro_batch_of = {trl_best_at(m): m for m in options.trl_micro_batches or ()}
+    runs: dict[str, list[dict]] = {v: [] for v in runs_order}
     for repeat in range(options.repeats):
-        for variant in variants:
+        for variant in runs_order:
             log(f"[{repeat + 1}/{options.repeats}] {variant}: {size.steps} steps...")
             verbose = options.onednn_verbose if variant == "cpuft" and repeat == 0 else None
-            result = run_in_worker(work, variant, {**common, "run_dir": str(work / f"run-{variant}-{repeat}")},
-                                   onednn_verbose=verbose)
+            spec = {**common, "run_dir": str(work / f"run-{variant}-{repeat}")}
+            if variant in micro_batch_of:
+                spec["trl_micro_batch"] = micro_batch_of[variant]
+            result = run_in_worker(work, variant, spec, onednn_verbose=verbose)
             runs[variant].append(result)
             held_out = (f"held-out reward accuracy {result['eval_reward_accuracy']:.3f}" if dpo
                         else f"eval loss {result['eval_loss']:.4f}")
@@ -106,7 +120,9 @@ def run_bench(options: BenchOptions, log=print) -> dict:
 
     command = (f"cpuft bench --job {options.job} --size {options.size} --steps {size.steps}"
                f" --variants {','.join(variants)} --repeats {options.repeats}"
-               + (f" --dataset {options.dataset}" if options.dataset else ""))
+               + (f" --dataset {options.dataset}" if options.dataset else "")
+               + (f" --trl-micro-batches {','.join(map(str, options.trl_micro_batches))}"
+                  if options.trl_micro_batches else ""))
     report = build_report(command, options.size, size, machine, gemm, runs, data_note, job=options.job)
     atomic_write_json(out_dir / "bench.json", report)
     write_bench_chart(report, out_dir / "bench.png")
@@ -119,11 +135,13 @@ def _checked_size(options: BenchOptions) -> BenchSize:
         raise UserError(f"unknown bench job {options.job!r}: choose {', '.join(JOBS)}.")
     if options.size not in SIZES:
         raise UserError(f"unknown bench size {options.size!r}: choose {', '.join(SIZES)}.")
-    known = job_variants(options.job)
-    unknown = [v for v in options.variants or () if v not in (*known, CPUFT_FP32)]
+    known = (*job_variants(options.job), *CPUFT_FORCED_DTYPES)
+    unknown = [v for v in options.variants or () if v not in known]
     if unknown:
         raise UserError(f"unknown bench variant(s) {', '.join(unknown)} for --job {options.job}:"
-                        f" choose from {', '.join((*known, CPUFT_FP32))}.")
+                        f" choose from {', '.join(known)}.")
+    if options.trl_micro_batches is not None:
+        _check_trl_micro_batches(options)
     if options.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {options.repeats}.")
     size = SIZES[options.size]
@@ -132,6 +150,19 @@ def _checked_size(options: BenchOptions) -> BenchSize:
             raise UserError(f"--steps must be at least 1, got {options.steps}.")
         size = replace(size, steps=options.steps)
     return size
+
+
+def _check_trl_micro_batches(options: BenchOptions) -> None:
+    """UserError unless --trl-micro-batches lists distinct sizes >= 1 for an SFT bench that runs trl_best."""
+    batches = options.trl_micro_batches
+    if options.job != "sft":
+        raise UserError("--trl-micro-batches sizes trl_best's packed micro-batches, an SFT bench's (--job sft);"
+                        " DPOTrainer has no packing.")
+    if not batches or any(m < 1 for m in batches) or len(set(batches)) != len(batches):
+        raise UserError(f"--trl-micro-batches must list distinct sizes of at least 1, e.g. 1,2,4; got"
+                        f" {','.join(map(str, batches))}.")
+    if options.variants is not None and TRL_BEST not in options.variants:
+        raise UserError(f"--trl-micro-batches sizes {TRL_BEST}, which --variants {','.join(options.variants)} leaves out.")
 
 
 def bench_model(work: Path, size_name: str, size: BenchSize, log) -> Path:

@@ -18,10 +18,14 @@ from pathlib import Path
 
 from cpuft.artifacts import save_figure
 from cpuft.bench.sizes import (
+    CPUFT_BF16,
+    CPUFT_FP32,
     DPO_OPTIMIZER_SETTINGS,
     DPO_TRL_VARIANTS,
     LORA_SETTINGS,
     OPTIMIZER_SETTINGS,
+    TRL_BEST,
+    TRL_BEST_AT,
     TRL_VARIANTS,
     describe_model,
 )
@@ -58,7 +62,7 @@ def build_report(command: str, size_name: str, size, machine, gemm: dict, runs: 
     """bench.json's content. `runs` maps each variant to its workers' results, one per repeat."""
     if job == "dpo":
         return build_dpo_report(command, size_name, size, machine, gemm, runs, data_note)
-    variants = median_variants(runs, gemm)
+    variants, trl_best_runs = with_fastest_trl_best(median_variants(runs, gemm))
 
     def ratio(a: str, b: str, key: str) -> float | None:
         if a in variants and b in variants and variants[b].get(key):
@@ -90,6 +94,10 @@ def build_report(command: str, size_name: str, size, machine, gemm: dict, runs: 
         "peak_rss_ratio_vs_best_trl": ratio("cpuft", best_trl, "peak_rss_bytes") if best_trl else None,
         # The other ratios, as plain top-level numbers.
         "speedup_vs_trl_best": ratio("cpuft", "trl_best", "tokens_per_second"),
+        # --trl-micro-batches: trl_best is the fastest of its runs, one per micro-batch size.
+        "trl_best_run": variants[TRL_BEST]["variant_run"] if trl_best_runs else None,
+        "trl_best_micro_batch": variants[TRL_BEST]["batch_size"] if TRL_BEST in variants else None,
+        "trl_best_tokens_per_second_by_run": trl_best_runs or None,
         "speedup_vs_trl_tuned": ratio("cpuft", "trl_tuned", "tokens_per_second"),
         "speedup_vs_trl_defaults": ratio("cpuft", "trl_defaults", "tokens_per_second"),
         "trl_tuned_speedup_vs_trl_defaults": ratio("trl_tuned", "trl_defaults", "tokens_per_second"),
@@ -97,7 +105,10 @@ def build_report(command: str, size_name: str, size, machine, gemm: dict, runs: 
         "eval_loss_rel_diff_vs_trl_defaults": loss_gap("cpuft", "trl_defaults"),
         "peak_rss_ratio_vs_trl_tuned": ratio("cpuft", "trl_tuned", "peak_rss_bytes"),
         "peak_rss_ratio_vs_trl_defaults": ratio("cpuft", "trl_defaults", "peak_rss_bytes"),
-        "bf16_speedup_vs_fp32": ratio("cpuft", "cpuft_fp32", "tokens_per_second"),
+        "bf16_speedup_vs_fp32": ratio(*_cpuft_runs_by_dtype(variants), "tokens_per_second"),
+        # The dtype cpuft's plan chose, and why (measured on small models: cpuft.planning.dtype_choice).
+        "cpuft_compute_dtype": variants.get("cpuft", {}).get("compute_dtype"),
+        "cpuft_compute_dtype_reason": variants.get("cpuft", {}).get("compute_dtype_reason"),
         "cpuft_mfu_vs_measured_gemm": variants.get("cpuft", {}).get("mfu_vs_measured_gemm"),
         # The time plan `cpuft sft` printed over the training seconds it then took (1.0 = exact).
         "cpuft_planned_vs_measured_train_seconds": _plan_ratio(variants.get("cpuft")),
@@ -147,11 +158,35 @@ def build_dpo_report(command: str, size_name: str, size, machine, gemm: dict, ru
         "speedup_vs_trl_defaults": ratio("cpuft", "trl_defaults", "tokens_per_second"),
         "peak_rss_ratio_vs_trl_defaults": ratio("cpuft", "trl_defaults", "peak_rss_bytes"),
         "reward_accuracy_diff_vs_trl_defaults": accuracy_diff("cpuft", "trl_defaults"),
-        "bf16_speedup_vs_fp32": ratio("cpuft", "cpuft_fp32", "tokens_per_second"),
+        "bf16_speedup_vs_fp32": ratio(*_cpuft_runs_by_dtype(variants), "tokens_per_second"),
+        "cpuft_compute_dtype_reason": variants.get("cpuft", {}).get("compute_dtype_reason"),
         "cpuft_mfu_vs_measured_gemm": variants.get("cpuft", {}).get("mfu_vs_measured_gemm"),
         "cpuft_planned_vs_measured_train_seconds": _plan_ratio(variants.get("cpuft")),
         "variants": variants,
     }
+
+
+def with_fastest_trl_best(variants: dict) -> tuple[dict, dict[str, float]]:
+    """(`variants` with trl_best the fastest of its per-micro-batch runs (`trl_best_mbN`, from
+    --trl-micro-batches; its record names the run in `variant_run`), {run: median tokens/s});
+    `variants` unchanged and {} without such runs."""
+    sized = {name: run for name, run in variants.items() if name.startswith(TRL_BEST_AT)}
+    if not sized:
+        return variants, {}
+    fastest = max(sized, key=lambda name: sized[name]["tokens_per_second"])
+    trl_best = {**sized[fastest], "variant": TRL_BEST, "variant_run": fastest}
+    return {**variants, TRL_BEST: trl_best}, {name: run["tokens_per_second"] for name, run in sized.items()}
+
+
+def _cpuft_runs_by_dtype(variants: dict) -> tuple[str | None, str | None]:
+    """(cpuft's run in bf16, its run in fp32): the forced variants where they ran, else cpuft itself
+    in the dtype its plan chose; None for a dtype no cpuft run used."""
+    def run_in(dtype: str, forced: str) -> str | None:
+        if forced in variants:
+            return forced
+        return "cpuft" if variants.get("cpuft", {}).get("compute_dtype") == dtype else None
+
+    return run_in("bf16", CPUFT_BF16), run_in("fp32", CPUFT_FP32)
 
 
 def _plan_ratio(run: dict | None) -> float | None:
@@ -219,6 +254,11 @@ def format_bench_table(report: dict) -> str:
     if report.get("speedup_vs_best_trl") is not None:
         lines.append(f"{'speedup_vs_best_trl':<34} {report['speedup_vs_best_trl']:.2f}x"
                      f"  (fastest TRL variant: {report['best_trl_variant']})")
+    if report.get("trl_best_run"):
+        lines.append(f"{'trl_best':<34} {report['trl_best_run']}, the fastest of"
+                     f" {', '.join(report['trl_best_tokens_per_second_by_run'])}")
+    if report.get("cpuft_compute_dtype_reason"):
+        lines.append(f"{'cpuft dtype':<34} {report['cpuft_compute_dtype']}: {report['cpuft_compute_dtype_reason']}")
     if report.get("cpuft_planned_vs_measured_train_seconds"):
         cpuft = report["variants"]["cpuft"]
         lines.append(f"{'time plan vs measured (cpuft)':<34} {cpuft['planned_train_seconds']:.0f} s planned,"

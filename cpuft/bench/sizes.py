@@ -28,6 +28,19 @@ DPO_TRL_VARIANTS = tuple(v for v in DPO_VARIANTS if v.startswith("trl_"))
 # Added by itself on CPUs with native bf16, so the report shows bf16 against fp32 there (SFT only:
 # DPO's runs are the bench's longest; name it in --variants to get it).
 CPUFT_FP32 = "cpuft_fp32"
+# cpuft forced to bf16, only when named in --variants: where the plan measured fp32 the faster
+# (small models, cpuft.planning.dtype_choice), it shows what bf16 would have given.
+CPUFT_BF16 = "cpuft_bf16"
+CPUFT_FORCED_DTYPES = {CPUFT_FP32: "fp32", CPUFT_BF16: "bf16"}
+# `--trl-micro-batches 1,2,4`: trl_best once per micro-batch size (packed rows per micro-batch,
+# the same rows per optimizer step through accumulation), each its own row; the fastest is trl_best.
+TRL_BEST = "trl_best"
+TRL_BEST_AT = f"{TRL_BEST}_mb"  # then the micro-batch size: trl_best's run at that size
+
+
+def trl_best_at(micro_batch: int) -> str:
+    """The name of trl_best's run at `micro_batch` packed rows per micro-batch."""
+    return f"{TRL_BEST_AT}{micro_batch}"
 # Shared by every variant: the bench compares execution, not optimisation recipes.
 OPTIMIZER_SETTINGS = dict(learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0)
 # DPO at `cpuft dpo`'s default learning rate (a LoRA adapter's DPO rate).
@@ -111,6 +124,14 @@ SIZES = {
         model=TinyModelSpec(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                             intermediate_size=172),
         steps=3, batch_size=4, accumulation=1, max_length=128, median_reply_words=30, eval_samples=8,
+    ),
+    # A ~3M Llama (tied 4k vocabulary, 256 wide, 3 layers: the 4M demo model less a layer), where
+    # bf16 and fp32 are close (docs/speed.md): the plan's dtype by measurement decides. About a
+    # minute and a half for the default variants on 2 cores, most of it each process's start.
+    "3m": BenchSize(
+        model=TinyModelSpec(vocab_size=4096, hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=2,
+                            intermediate_size=704),
+        steps=10, batch_size=8, accumulation=1, max_length=256, median_reply_words=60, eval_samples=16,
     ),
     # The headline: ~95M parameters (12 x 768, GQA 12/4 heads, MLP 2560; the BPE trained on the
     # synthetic text stops at ~6.4k of the 8192 vocabulary asked for).

@@ -6,7 +6,8 @@ The parent (`run_in_worker`) writes SPEC.json, which names the variant, its sett
 `result_path`; the worker runs it and writes the result there as JSON; exit 0 means the result
 is complete. A fresh process per variant keeps peak RSS, thread settings and imported state its
 own. Variants: "gemm" (matmul FLOP/s, cpuft.hardware.gemm), "trl_defaults", "trl_tuned" and
-"trl_best" (cpuft.bench.baselines), "cpuft" and "cpuft_fp32" (cpuft's own recipe). A spec with
+"trl_best" (cpuft.bench.baselines; "trl_best_mbN" is trl_best with the spec's `trl_micro_batch`),
+"cpuft", "cpuft_fp32" and "cpuft_bf16" (cpuft's own recipe, with the plan's dtype or the one named). A spec with
 "job": "dpo" runs the DPO variants: plain TRL DPOTrainer (cpuft.bench.baselines) or `cpuft dpo`'s
 stages (`cpuft_dpo_trainer`).
 
@@ -56,24 +57,28 @@ def run_variant(spec: dict) -> dict:
         return {d: measure_gemm_flops(spec["m"], spec["k"], spec["n"], d, spec["threads"]).to_dict()
                 for d in spec["dtypes"]}
     from cpuft.bench.measure import train_and_measure
+    from cpuft.bench.sizes import CPUFT_FORCED_DTYPES, TRL_BEST
 
+    cpuft_variant = variant == "cpuft" or variant in CPUFT_FORCED_DTYPES
+    dtype = CPUFT_FORCED_DTYPES.get(variant, "auto")
     if spec.get("job") == "dpo":
-        if variant in ("cpuft", "cpuft_fp32"):
-            trainer, model_facts, plan_facts = cpuft_dpo_trainer(spec, force_fp32=variant == "cpuft_fp32")
+        if cpuft_variant:
+            trainer, model_facts, plan_facts = cpuft_dpo_trainer(spec, dtype=dtype)
         else:
             from cpuft.bench.baselines import plain_trl_dpo_trainer
 
             trainer, model_facts, plan_facts = plain_trl_dpo_trainer(spec, variant)
-    elif variant in ("cpuft", "cpuft_fp32"):
-        trainer, model_facts, plan_facts = cpuft_trainer(spec, force_fp32=variant == "cpuft_fp32")
+    elif cpuft_variant:
+        trainer, model_facts, plan_facts = cpuft_trainer(spec, dtype=dtype)
     else:
         from cpuft.bench.baselines import plain_trl_trainer
 
-        trainer, model_facts, plan_facts = plain_trl_trainer(spec, variant)
+        # trl_best_mbN: trl_best at the spec's micro-batch, recorded under its own name.
+        trainer, model_facts, plan_facts = plain_trl_trainer(spec, TRL_BEST if spec.get("trl_micro_batch") else variant)
     return train_and_measure(trainer, spec, model_facts, plan_facts)
 
 
-def job_keys(spec: dict, force_fp32: bool) -> dict:
+def job_keys(spec: dict, dtype: str = "auto") -> dict:
     """The config keys every cpuft variant runs the bench's job with (SFT and DPO alike)."""
     return dict(
         model=spec["model"], dataset=spec["train"], eval_fraction=0.0,
@@ -83,13 +88,14 @@ def job_keys(spec: dict, force_fp32: bool) -> dict:
         warmup_steps=spec["warmup_steps"], weight_decay=spec["weight_decay"], seed=spec["seed"],
         lora_r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
         lora_target_modules=spec["lora_target_modules"], save_steps=spec["steps"] + 1,
-        device="cpu", dtype="fp32" if force_fp32 else "auto",
+        device="cpu", dtype=dtype,
     )
 
 
-def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = None):
+def cpuft_trainer(spec: dict, force_fp32: bool = False, plan_overrides: dict | None = None, dtype: str | None = None):
     """cpuft's own recipe through its public stages (cpuft.train.sft), as `cpuft sft` runs it, with the plan it picks here
-    (`plan_overrides`, e.g. {"fused_lora": False}: that plan field replaced, to measure a candidate)."""
+    (`plan_overrides`, e.g. {"fused_lora": False}: that plan field replaced, to measure a candidate); `dtype`
+    the job's dtype key (default auto; `force_fp32` is dtype "fp32")."""
     from dataclasses import asdict
 
     from cpuft.config.job import SFTJobConfig
@@ -98,7 +104,7 @@ def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = No
     from cpuft.train.sft import build_trainer, prepare_run
 
     config = SFTJobConfig(
-        **job_keys(spec, force_fp32), dataset_format="messages",
+        **job_keys(spec, dtype or ("fp32" if force_fp32 else "auto")), dataset_format="messages",
         loss_on="all",  # the TRL variants train every token: same tokens, same loss, comparable
     )
     run = prepare_run(config, probe_machine(), log=lambda *a, **k: None)
@@ -108,11 +114,13 @@ def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = No
     # The bench times the steps with its own MetricsCallback (cpuft.bench.measure), as for TRL's variants.
     trainer = build_trainer(run, method_callbacks(run.job))
     plan = run.plan
-    plan_facts = {"compute_dtype": plan.compute_dtype, "gradient_checkpointing": plan.gradient_checkpointing,
+    plan_facts = {"compute_dtype": plan.compute_dtype, "compute_dtype_reason": plan.reasons.get("compute_dtype"),
+                  "gradient_checkpointing": plan.gradient_checkpointing,
                   "threads": plan.threads, "sampling": trainer.args.train_sampling_strategy,
                   "packing": plan.packing, "torch_compile": bool(trainer.args.torch_compile),
                   "optimizer": getattr(trainer.args.optim, "value", trainer.args.optim),
                   "cpu_lm_head": plan.cpu_lm_head, "fused_lora": plan.fused_lora,
+                  "compiled_elementwise": plan.compiled_elementwise, "short_row_attention": plan.short_row_attention,
                   # The time plan `cpuft sft` printed, against which the bench's train_seconds is checked.
                   "planned_train_seconds": run.time_estimate.total_seconds if run.time_estimate else None,
                   "planned_parts_seconds": run.time_estimate.parts_seconds if run.time_estimate else None}
@@ -120,7 +128,7 @@ def cpuft_trainer(spec: dict, force_fp32: bool, plan_overrides: dict | None = No
     return trainer, asdict(run.model_facts), plan_facts
 
 
-def cpuft_dpo_trainer(spec: dict, force_fp32: bool):
+def cpuft_dpo_trainer(spec: dict, dtype: str = "auto"):
     """`cpuft dpo`'s recipe through its own stages (cpuft.train.dpo.prepare_dpo_run, then
     cpuft.train.sft.build_trainer, which assembles its DPOTrainer), with the plan it picks here."""
     from dataclasses import asdict
@@ -131,13 +139,14 @@ def cpuft_dpo_trainer(spec: dict, force_fp32: bool):
     from cpuft.train.peft_methods import method_callbacks
     from cpuft.train.sft import build_trainer
 
-    config = DPOJobConfig(**job_keys(spec, force_fp32))
+    config = DPOJobConfig(**job_keys(spec, dtype))
     run = prepare_dpo_run(config, probe_machine(), log=lambda *a, **k: None)
     run.run_dir.write_header(run.job, run.machine, run.plan)
     # The bench times the steps with its own MetricsCallback (cpuft.bench.measure), as for TRL's variants.
     trainer = build_trainer(run, method_callbacks(run.job))
     plan, args = run.plan, trainer.args
-    plan_facts = {"compute_dtype": plan.compute_dtype, "gradient_checkpointing": plan.gradient_checkpointing,
+    plan_facts = {"compute_dtype": plan.compute_dtype, "compute_dtype_reason": plan.reasons.get("compute_dtype"),
+                  "gradient_checkpointing": plan.gradient_checkpointing,
                   "threads": plan.threads, "sampling": args.train_sampling_strategy,
                   "length_grouping": plan.length_grouping, "packing": False,
                   "weights_dtype": plan.weights_dtype, "batch_size": args.per_device_train_batch_size,

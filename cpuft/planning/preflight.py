@@ -4,7 +4,10 @@ One stage, used by `cpuft sft` (and `cpuft dpo`'s planning alike), `cpuft plan` 
 - `preflight(job, machine, ...)`: read the model's config (no weights), find its architecture
   facts (cpuft.planning.architecture), plan the run for `machine` fitted to its memory
   (cpuft.planning.fit: checkpointing, a smaller micro-batch or NF4 turn on by themselves where the
-  job leaves them to the planner) -> a `Preflight` value holding the plan and the memory plan;
+  job leaves them to the planner) -> a `Preflight` value holding the plan and the memory plan.
+  With `dtype: auto` on this machine's CPU with native bf16, a small model's dtype is the faster
+  of one micro-batch timed in fp32 and in bf16 (cpuft.planning.dtype_choice), decided on the
+  plan's micro-batch and then fitted to memory;
 - `check_fits(preflight)`: a UserError, with the options that would fit, when the run cannot fit;
 - `estimate_time(preflight, tokens, mean_seq_len)`: the time (and cost with a declared
   machine_type) for `tokens` per epoch, on this machine from the step's parts timed at the run's
@@ -13,7 +16,8 @@ One stage, used by `cpuft sft` (and `cpuft dpo`'s planning alike), `cpuft plan` 
   tokens / mean_seq_len rows, each DDP rank training its share.
 
 Inputs are narrow: the job's model, adapter and hardware keys (an SFTJobConfig, read for those
-only), the machine, and the world (ranks per node x nodes). Nothing here prints or writes.
+only), the machine, and the world (ranks per node x nodes). Nothing here prints; step
+measurements are cached on disk (cpuft.planning.step_cost).
 
 Limits: architectures the memory estimator cannot build from their config alone get neither a
 memory check nor a time estimate (`model_shape` is None); `cpuft sft` still goes ahead.
@@ -21,7 +25,7 @@ memory check nor a time estimate (`model_shape` is None); `cpuft sft` still goes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cpuft.errors import UserError
@@ -65,11 +69,56 @@ def preflight(job, machine: Machine, ranks_per_node: int = 1, nodes: int = 1, tr
     architecture = architecture_facts(model_config, job.attn_implementation, job.lora_target_modules)
     fitted = plan_job(machine, job, shape, training=training, where=where, ranks_per_node=ranks_per_node,
                       nodes=nodes, architecture=architecture)
+    fitted = _with_dtype_by_measurement(fitted, job, machine, model_config, shape, where, training=training,
+                                        ranks_per_node=ranks_per_node, nodes=nodes, architecture=architecture)
     return Preflight(
         machine=machine, model_config=model_config, plan=fitted.plan,
         max_steps=job.max_steps, num_train_epochs=job.num_train_epochs, model_shape=shape,
         run_settings=fitted.settings, memory_plan=fitted.memory, machine_type=declared_machine_type(job),
     )
+
+
+def _with_dtype_by_measurement(fitted, job, machine: Machine, model_config, shape, where: str | None, **plan_keys):
+    """`fitted` (planned by the fixed rule: bf16 wherever it is native) or the job replanned in
+    fp32, where `dtype: auto` on this CPU and one micro-batch measured in each dtype says fp32 is
+    faster (cpuft.planning.dtype_choice); the compute_dtype reason says which and by how much.
+    The dtype is decided on the plan's micro-batch, then the plan is fitted to memory with it: a
+    fp32 plan that would need a smaller micro-batch, checkpointing or NF4 to fit is not taken."""
+    from cpuft.planning.dtype_choice import (
+        faster_dtype,
+        measure_both_dtypes,
+        unbelievable_gap,
+        why_dtype_not_measured,
+    )
+    from cpuft.planning.fit import plan_job
+
+    plan = fitted.plan
+    why_not = why_dtype_not_measured(job.dtype, machine, plan, shape, fitted.settings, where)
+    if why_not is None:
+        try:
+            fp32, bf16 = measure_both_dtypes(model_config, fitted.settings, plan)
+            why_not = unbelievable_gap(fp32, bf16, plan.gradient_checkpointing)
+        except Exception as exc:  # a layer the measurement cannot build: the fixed rule stands
+            why_not = f"measuring both failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})"
+    if why_not is not None:
+        if not why_not:
+            return fitted
+        return replace(fitted, plan=_with_dtype_reason(plan, f"{plan.reasons['compute_dtype']}; no measured choice: {why_not}"))
+    cpu = f"this CPU ({machine.cpu_summary}, {plan.threads} threads)"
+    dtype, why = faster_dtype(fp32, bf16, plan.gradient_checkpointing, cpu)
+    if dtype == plan.compute_dtype:
+        return replace(fitted, plan=_with_dtype_reason(plan, why))
+    replanned = plan_job(machine, replace(job, dtype=dtype), shape, where=where, **plan_keys)
+    shape_kept = all(getattr(replanned.plan, name) == getattr(plan, name)
+                     for name in ("per_device_batch_size", "gradient_checkpointing", "quantization"))
+    if not shape_kept or replanned.memory.fits is False:
+        return replace(fitted, plan=_with_dtype_reason(
+            plan, f"{why}; but kept {plan.compute_dtype}: {dtype} would not fit memory at the same micro-batch"))
+    return replace(replanned, plan=_with_dtype_reason(replanned.plan, why))
+
+
+def _with_dtype_reason(plan: Plan, why: str) -> Plan:
+    return replace(plan, reasons={**plan.reasons, "compute_dtype": why})
 
 
 def check_fits(preflight: Preflight) -> None:

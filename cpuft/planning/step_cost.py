@@ -50,7 +50,9 @@ HEAD_VOCAB_CHUNK = 32768
 HEAD_TOKENS = 256
 CACHE_VERSION = 1
 # Rounds of an interleaved comparison (step_costs_by_dtype): each dtype keeps its fastest round.
-COMPARE_ROUNDS = 2
+# Three: tiny models' steps are ms-long, and on a shared machine an OpenMP barrier waiting on a
+# descheduled thread stretched whole 2-round measurements 10-40x (cpuft.planning.dtype_choice).
+COMPARE_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,12 @@ def step_costs(model_config, settings, plan, rows: int, seq_len: int) -> StepCos
 
 
 def step_costs_by_dtype(model_config, settings, plan, rows: int, seq_len: int,
-                        dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, StepCosts]:
+                        dtypes: tuple[str, ...] = ("fp32", "bf16"), cache_if=None) -> dict[str, StepCosts]:
     """{dtype: StepCosts} of one micro-batch run in each of `dtypes` (weights and compute), all
-    else as `settings` and `plan`; cached as `step_costs` caches them. Measured interleaved
-    (A B A B), each dtype's fastest of COMPARE_ROUNDS kept: a machine busy for a moment slows
-    one round, not one dtype, so the comparison stays fair on a shared CPU."""
+    else as `settings` and `plan`; cached as `step_costs` caches them, unless `cache_if(measured)`
+    says not to (a result the caller deems too noisy is measured afresh next time). Measured
+    interleaved (A B A B ...), each dtype's fastest of COMPARE_ROUNDS kept: a machine busy for a
+    moment slows one round, not one dtype, so the comparison stays fair on a shared CPU."""
     runs = {dtype: (replace(settings, weights_dtype=dtype, compute_dtype=dtype),
                     replace(plan, weights_dtype=dtype, compute_dtype=dtype)) for dtype in dtypes}
     entries = {dtype: _cache_entry(model_config, *runs[dtype], rows, seq_len) for dtype in dtypes}
@@ -108,13 +111,13 @@ def step_costs_by_dtype(model_config, settings, plan, rows: int, seq_len: int,
     for _ in range(COMPARE_ROUNDS):
         for dtype, (settings_in, plan_in) in runs.items():
             rounds[dtype].append(measure_step_costs(model_config, settings_in, plan_in, rows, seq_len))
-    best = {}
-    for dtype, measured in rounds.items():
-        # The round least slowed by other work, whole: the parts are differences of one round's timings.
-        best[dtype] = replace(min(measured, key=_forward_backward_seconds),
-                              measure_seconds=sum(c.measure_seconds for c in measured))
-        key, path = entries[dtype]
-        _write_cached(path, key, best[dtype])
+    # Each dtype's round least slowed by other work, whole: the parts are differences of one round's timings.
+    best = {dtype: replace(min(measured, key=_forward_backward_seconds),
+                           measure_seconds=sum(c.measure_seconds for c in measured))
+            for dtype, measured in rounds.items()}
+    if cache_if is None or cache_if(best):
+        for dtype, (key, path) in entries.items():
+            _write_cached(path, key, best[dtype])
     return best
 
 
