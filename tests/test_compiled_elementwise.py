@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cpuft.fastpaths.compiled_elementwise import why_not_compiled  # noqa: E402
+from tests.lora_models import loss_and_grads, tiny_lora_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(why_not_compiled() is not None, reason=str(why_not_compiled()))
 
@@ -97,41 +98,11 @@ def test_dropout_kernels_equal_the_masked_formula():
     assert float((add_kept(total, addend, keep, 1.25).float() - want).abs().max()) <= 2e-2 * float(want.abs().max())
 
 
-def _tiny_lora_model(model_type: str, dtype=torch.float32):
-    """A 2-layer model of `model_type` with LoRA r 8 on every linear layer (B random, so A's
-    gradient is real), training mode, weights in `dtype`, adapter in fp32 as the plan keeps it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=16)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    model.train()
-    return model
-
-
 def _batch():
     ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 30:] = 0
     return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-
-
-def _loss_and_grads(model, batch, autocast: bool):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
@@ -141,13 +112,13 @@ def test_whole_model_loss_and_lora_gradients_equal_stock_peft(model_type, dtype)
 
     from cpuft.fastpaths import apply_fast_paths
 
-    model, batch, autocast = _tiny_lora_model(model_type, dtype), _batch(), dtype == torch.bfloat16
-    stock_loss, stock_grads = _loss_and_grads(model, batch, autocast)
+    model, batch, autocast = tiny_lora_model(model_type, dtype), _batch(), dtype == torch.bfloat16
+    stock_loss, stock_grads = loss_and_grads(model, batch, autocast)
     done = apply_fast_paths(model, SimpleNamespace(fused_lora=True, compiled_elementwise=True))
     # 2 layers: 2 norms each plus the final one; one MLP and one attention each; 7 LoRA linears each.
     assert done == {"compiled_elementwise": {"rms_norm": 5, "mlp": 2, "rotary": 2, "head_tiles": 1},
                     "fused_lora": (14, 0)}
-    fast_loss, fast_grads = _loss_and_grads(model, batch, autocast)
+    fast_loss, fast_grads = loss_and_grads(model, batch, autocast)
     assert fast_grads.keys() == stock_grads.keys()
     assert all(g.dtype == torch.float32 for g in fast_grads.values())
     if dtype == torch.float32:
@@ -198,7 +169,7 @@ def test_the_rotary_swap_is_local_to_the_patched_model():
     from cpuft.fastpaths.compiled_elementwise import compile_elementwise, rotary
 
     original = qwen2.apply_rotary_pos_emb
-    model = _tiny_lora_model("qwen2")
+    model = tiny_lora_model("qwen2")
     seen = []
     attention = model.get_base_model().model.layers[0].self_attn
     assert compile_elementwise(model)["rotary"] == 2

@@ -12,24 +12,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.lora_models import loss_and_grads, tiny_lora_model  # noqa: E402
+
 
 def lora_llama(vocab: int = 300, tied: bool = False, dropout: float = 0.0, use_dora: bool = False):
-    """A 2-layer Llama with LoRA r 8 on every linear layer, in training mode; B drawn at random
-    (PEFT starts it at zero) so A's gradient is real. Shared by the fused-path tests."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM",
-        use_dora=use_dora))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    model.train()
-    return model
+    """A 2-layer Llama with LoRA r 8 on every linear layer (tests/lora_models.py)."""
+    return tiny_lora_model("llama", vocab=vocab, tied=tied, dropout=dropout, use_dora=use_dora)
 
 
 def _batch():
@@ -38,15 +26,6 @@ def _batch():
     mask[1, 30:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
-
-
-def loss_and_grads(model, batch: dict):
-    """(loss, {name: gradient} of every trainable parameter) for one forward and backward."""
-    loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads
 
 
 def _assert_close(got: dict, want: dict, rel: float):

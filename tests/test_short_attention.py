@@ -12,23 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-
-def _lora_model(model_type: str, dtype):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    model.train()
-    return model
+from tests.lora_models import loss_and_grads, tiny_lora_model  # noqa: E402
 
 
 def _batch(rows: int, tokens: int, padded: bool):
@@ -40,23 +24,14 @@ def _batch(rows: int, tokens: int, padded: bool):
     return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
-def _loss_and_grads(model, batch, autocast):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads
-
-
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens,padded", [(40, True), (40, False), (300, True)], ids=["short-padded", "short", "long"])
 def test_loss_and_lora_gradients_equal_sdpa(model_type, dtype, tokens, padded):
     from cpuft.fastpaths import short_attention
 
-    model, batch, autocast = _lora_model(model_type, dtype), _batch(3, tokens, padded), dtype == torch.bfloat16
-    want_loss, want = _loss_and_grads(model, batch, autocast)
+    model, batch, autocast = tiny_lora_model(model_type, dtype), _batch(3, tokens, padded), dtype == torch.bfloat16
+    want_loss, want = loss_and_grads(model, batch, autocast)
     calls = []
     original = short_attention.grouped_causal_attention
 
@@ -67,7 +42,7 @@ def test_loss_and_lora_gradients_equal_sdpa(model_type, dtype, tokens, padded):
     short_attention.grouped_causal_attention = counted
     try:
         assert short_attention.use_short_row_attention(model)
-        got_loss, got = _loss_and_grads(model, batch, autocast)
+        got_loss, got = loss_and_grads(model, batch, autocast)
     finally:
         short_attention.grouped_causal_attention = original
     # Short rows ran the grouped GEMMs in both layers; long ones SDPA.
@@ -83,7 +58,7 @@ def test_generation_after_the_switch_matches_sdpa():
     """Evaluation and generation (a KV cache: queries shorter than keys) still work, via SDPA."""
     from cpuft.fastpaths.short_attention import use_short_row_attention
 
-    model = _lora_model("llama", torch.float32).eval()
+    model = tiny_lora_model("llama", torch.float32).eval()
     prompt = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = model.generate(input_ids=prompt, max_new_tokens=5, do_sample=False)
