@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cpuft.errors import UserError
+from cpuft.hardware.probe import probe_machine
 from cpuft.planning.world import threads_per_rank
 from cpuft.train.distributed import (
     parse_cpulist,
@@ -29,8 +30,12 @@ from cpuft.train.distributed import (
 )
 from tests.conftest import planned_tolerance, run_cpuft
 
+# The dtype is pinned to the fixed rule's (bf16 where native): one process measures a small
+# model's dtype (cpuft.planning.dtype_choice) while DDP ranks keep the fixed rule, and these tests
+# compare one process with several.
+PINNED_DTYPE = ("--dtype", "bf16" if probe_machine().native_bf16 else "fp32")
 COMMON = ("--eval-fraction", "0", "--per-device-batch-size", "1", "--logging-steps", "1", "--lora-dropout", "0",
-          "--threads", "1", "--no-progress")
+          "--threads", "1", "--no-progress", *PINNED_DTYPE)
 
 
 def free_port() -> int:
@@ -124,7 +129,7 @@ def test_ddp_does_not_search_for_unused_parameters(one_and_two):
 # to 6 the same as one run to 6 (a decaying schedule is laid over the max_steps of the run).
 WIDE = ("--eval-fraction", "0", "--max-samples", "36", "--logging-steps", "1", "--lora-dropout", "0",
         "--learning-rate", "5e-3", "--lr-scheduler-type", "constant", "--warmup-steps", "0", "--threads", "1",
-        "--no-progress")
+        "--no-progress", *PINNED_DTYPE)
 ONE_PROCESS_SPLIT = ("--per-device-batch-size", "4", "--gradient-accumulation-steps", "2")
 TWO_RANK_SPLIT = ("--per-device-batch-size", "2", "--gradient-accumulation-steps", "2", "--nproc-per-node", "2")
 
