@@ -82,7 +82,7 @@ def build_layer(model_id: str, dtype, dropout: float, variant: str):
 
         from cpuft.fastpaths import apply_fast_paths
 
-        print(apply_fast_paths(layer, SimpleNamespace(fused_lora=True, compiled_elementwise=True)))
+        print(apply_fast_paths(layer, SimpleNamespace(fused_lora=True, compiled_elementwise=True, short_row_attention=False)))
         # The attention switch is a config change (short_row_attention): the layer shares the model's config.
         from cpuft.fastpaths.short_attention import use_short_row_attention
 

@@ -40,12 +40,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
 CATEGORIES = ("frozen-weight GEMMs", "LoRA matmuls", "attention", "lm_head GEMMs", "loss (outside the head's GEMMs)",
               "optimizer", "elementwise and casts")
 # The GEMMs a LoRA step cannot avoid: what the issue-22 metric leaves out ("time outside the
 # frozen-weight and lm_head GEMMs").
 UNAVOIDABLE_GEMMS = ("frozen-weight GEMMs", "lm_head GEMMs")
+# In the names of the head's backward nodes: TRL's ChunkedLogProbFunctionBackward and cpuft's
+# CompactHeadLogProbFunctionBackward (cpuft.fastpaths.chunked_loss).
+HEAD_BACKWARD = "LogProbFunction"
 
 
 def parse_args(argv):
@@ -101,23 +104,24 @@ def build_trainer(args):
     shutil.rmtree(work / "run", ignore_errors=True)
     overrides = {name: False for name in args.plan_off.split(",") if name}
     overrides.update({name: True for name in args.plan_on.split(",") if name})
-    trainer, _, plan_facts = cpuft_trainer(spec, force_fp32=args.fp32, plan_overrides=overrides)
+    trainer, _, plan_facts = cpuft_trainer(spec, plan_overrides=overrides, dtype="fp32" if args.fp32 else "auto")
     plan_facts["plan_off"] = sorted(k for k, v in overrides.items() if not v)
     plan_facts["plan_on"] = sorted(k for k, v in overrides.items() if v)
     return trainer, plan_facts, out, size
 
 
 def mark_lm_head(record_function):
-    """Wrap TRL's chunked log-prob function so its forward shows as one profiler region."""
+    """Wrap TRL's chunked log-prob function (and so cpuft's compact head, its subclass) so its
+    forward shows as one profiler region."""
     from trl.kernels import ChunkedLogProbFunction
 
-    original = ChunkedLogProbFunction.apply
+    original = ChunkedLogProbFunction.apply.__func__
 
-    def apply(*args):
+    def apply(cls, *args):
         with record_function("cpuft:lm_head+loss"):
-            return original(*args)
+            return original(cls, *args)
 
-    ChunkedLogProbFunction.apply = staticmethod(apply)
+    ChunkedLogProbFunction.apply = classmethod(apply)
 
 
 def one_step(trainer, batch, record_function):
@@ -147,8 +151,7 @@ def categorise(events, lora_rank: int) -> dict[str, float]:
             continue  # the region markers themselves carry no self time worth counting
         if any(a == "cpuft:optimizer" for a in ancestors) or name == "cpuft:optimizer":
             category = "optimizer"
-        elif any(a == "cpuft:lm_head+loss" or "ChunkedLogProbFunction" in a for a in ancestors) \
-                or "ChunkedLogProbFunction" in name:
+        elif any(a == "cpuft:lm_head+loss" or HEAD_BACKWARD in a for a in ancestors) or HEAD_BACKWARD in name:
             category = "lm_head GEMMs" if name in MATMUL_OPS else "loss (outside the head's GEMMs)"
         elif "scaled_dot_product" in name or "flash_attention" in name or name == "aten::bmm":
             category = "attention"  # aten::bmm: cpuft's short-row attention (linear layers run mm/addmm)

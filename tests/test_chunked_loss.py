@@ -115,3 +115,67 @@ def test_models_that_transform_logits_keep_trls_head():
     config = Gemma2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
     assert "final_logit_softcapping" in why_not_cpu_lm_head(Gemma2ForCausalLM(config))
+
+
+def _full_logits_reference(hidden, weight, bias, targets, entropy_weight: float):
+    """Torch's own autograd over the whole [rows, vocab] logits in fp32: -sum(log p(target)) +
+    entropy_weight * sum(entropy); the yardstick for the compact head's backward."""
+    import torch
+
+    hidden = hidden.detach().float().requires_grad_(True)
+    weight_ = weight.detach().float().requires_grad_(weight.requires_grad)
+    logits = hidden @ weight_.t() + (0 if bias is None else bias.detach().float())
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    loss = -log_p.gather(-1, targets[:, None]).sum() + entropy_weight * entropy.sum()
+    loss.backward()
+    return hidden.grad, weight_.grad
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_compact_head_backward_in_row_blocks_matches_full_logits(dtype, tolerance, with_bias, monkeypatch):
+    """The compact head's own backward (several row blocks, the last one short; several vocabulary
+    tiles, the last one narrow) against autograd over the full logits, the entropy's gradient
+    included. Tolerance relative to the largest gradient: fp32 rounding, or bf16's (2**-8 per value,
+    over a sum of 1,000 terms)."""
+    import torch
+
+    from cpuft.fastpaths import chunked_loss
+
+    # At most 64 rows a block (the minimum) at this vocabulary: 300 rows make 5 blocks of 60.
+    monkeypatch.setattr(chunked_loss, "HEAD_BACKWARD_BUFFER_BYTES", 1)
+    assert chunked_loss.head_backward_rows(300, 1000, 4) == 60  # 5 blocks of 60: none short
+    generator = torch.Generator().manual_seed(3)
+    torch_dtype = getattr(torch, dtype)
+    weight = (torch.randn(1000, 48, generator=generator) * 0.3).to(torch_dtype)
+    bias = (torch.randn(1000, generator=generator) * 0.1).to(torch_dtype) if with_bias else None
+    hidden = torch.randn(300, 48, generator=generator).to(torch_dtype).requires_grad_(True)
+    targets = torch.randint(0, 1000, (300,), generator=generator)
+
+    log_probs, entropy, is_top1 = chunked_loss.head_log_probs(hidden, weight, bias, targets)
+    (-log_probs.sum() + 0.25 * entropy.sum()).backward()
+    expected, _ = _full_logits_reference(hidden, weight, bias, targets, entropy_weight=0.25)
+
+    assert hidden.grad.dtype == torch_dtype
+    scale = float(expected.abs().max())
+    assert scale > 0
+    assert float((hidden.grad.float() - expected).abs().max()) <= tolerance * scale
+
+
+def test_a_trainable_lm_head_still_gets_its_weight_gradient():
+    """Where the lm_head itself trains (full fine-tuning, modules_to_save), the compact head's
+    backward hands over to TRL's, which also returns the weight's gradient."""
+    import torch
+
+    from cpuft.fastpaths.chunked_loss import head_log_probs
+
+    generator = torch.Generator().manual_seed(4)
+    weight = (torch.randn(700, 32, generator=generator) * 0.3).requires_grad_(True)
+    hidden = torch.randn(50, 32, generator=generator).requires_grad_(True)
+    targets = torch.randint(0, 700, (50,), generator=generator)
+    log_probs, _, _ = head_log_probs(hidden, weight, None, targets)
+    (-log_probs.sum()).backward()
+    expected_hidden, expected_weight = _full_logits_reference(hidden, weight, None, targets, entropy_weight=0.0)
+    assert torch.allclose(hidden.grad, expected_hidden, atol=1e-5)
+    assert torch.allclose(weight.grad, expected_weight, atol=1e-5)

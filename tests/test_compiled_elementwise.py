@@ -84,18 +84,59 @@ def test_each_kernel_equals_its_eager_formula_forward_and_backward(dtype):
         _assert_all_close(*(_forward_and_grads(f, (q, k, cos, sin)) for f in (rotary, _eager_rotary)), dtype)
 
 
+def _lowbias32(x: int) -> int:
+    """The hash written out with Python integers, from its published form (C. Wellons, hash-prospector)."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def test_hashed_mask_is_the_published_hash_of_each_index():
+    from cpuft.fastpaths.compiled_elementwise import hashed_keep
+
+    seeds = torch.tensor([0x9E3779B9, 0x7F4A7C15], dtype=torch.int64)
+    threshold = 1 << 31  # keep where the hash's top bit is set
+    keep = hashed_keep(torch.empty(5, 7), seeds, threshold)
+    assert keep.shape == (5, 7)
+    for index in (0, 1, 2, 17, 34):
+        value = _lowbias32(_lowbias32(index ^ 0x9E3779B9) ^ 0x7F4A7C15)
+        assert bool(keep.view(-1)[index]) == (value >= threshold), index
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_hashed_masks_keep_one_minus_p_and_differ_by_seed(p):
+    from cpuft.fastpaths.compiled_elementwise import hashed_keep
+    from cpuft.fastpaths.fused_lora import draw_seeds, hashed_scale, hashed_threshold
+
+    torch.manual_seed(0)
+    like = torch.empty(1000, 4000)
+    first, second = (hashed_keep(like, draw_seeds(), hashed_threshold(p)) for _ in range(2))
+    # 4M draws: the kept fraction's standard error is <= 2.5e-4; 1e-3 is 4 of them.
+    assert abs(float(first.float().mean()) - (1 - p)) <= 1e-3
+    for column_block in first.view(1000, 8, 500).float().mean((0, 2)).tolist():  # no stretch of indices biased
+        assert abs(column_block - (1 - p)) <= 3e-3
+    # Another seed: an independent mask (its agreement with the first is what independence gives).
+    both_dropped = float((~first & ~second).float().mean())
+    assert abs(both_dropped - p * p) <= 1e-3 + 0.05 * p * p
+    assert abs(hashed_scale(p) - 1 / (1 - p)) <= 1e-8
+
+
 def test_dropout_kernels_equal_the_masked_formula():
-    from cpuft.fastpaths.compiled_elementwise import add_kept, drop
+    from cpuft.fastpaths.compiled_elementwise import drop_hashed, dropout_backward_hashed, hashed_keep
 
     x = torch.randn(37, 24, generator=torch.Generator().manual_seed(0)).bfloat16()
-    lanes = torch.randint(-32768, 32767, (37, 24), dtype=torch.int16, generator=torch.Generator().manual_seed(1))
-    dropped, keep = drop(x, lanes, -29491, 1.25)
-    assert keep.dtype == torch.bool and torch.equal(keep, lanes >= -29491)
+    seeds = torch.tensor([12345, 67890], dtype=torch.int64)
+    threshold = int(0.1 * 2**32)
+    keep = hashed_keep(x, seeds, threshold)
     assert 0 < int(keep.sum()) < keep.numel()
-    assert torch.equal(dropped, (x * keep * 1.25).to(torch.bfloat16))
+    assert torch.equal(drop_hashed(x, seeds, threshold, 1.25), (x * keep * 1.25).to(torch.bfloat16))
     total, addend = torch.randn(37, 24).bfloat16(), torch.randn(37, 24).bfloat16()
     want = (total.float() + addend.float() * keep * 1.25)
-    assert float((add_kept(total, addend, keep, 1.25).float() - want).abs().max()) <= 2e-2 * float(want.abs().max())
+    got, dropped = dropout_backward_hashed(total, addend, x, seeds, threshold, 1.25)
+    assert float((got.float() - want).abs().max()) <= 2e-2 * float(want.abs().max())
+    assert torch.equal(dropped, (x * keep * 1.25).to(torch.bfloat16))
 
 
 def _batch():
@@ -114,7 +155,7 @@ def test_whole_model_loss_and_lora_gradients_equal_stock_peft(model_type, dtype)
 
     model, batch, autocast = tiny_lora_model(model_type, dtype), _batch(), dtype == torch.bfloat16
     stock_loss, stock_grads = loss_and_grads(model, batch, autocast)
-    done = apply_fast_paths(model, SimpleNamespace(fused_lora=True, compiled_elementwise=True))
+    done = apply_fast_paths(model, SimpleNamespace(fused_lora=True, compiled_elementwise=True, short_row_attention=False))
     # 2 layers: 2 norms each plus the final one; one MLP and one attention each; 7 LoRA linears each.
     assert done == {"compiled_elementwise": {"rms_norm": 5, "mlp": 2, "rotary": 2, "head_tiles": 1},
                     "fused_lora": (14, 0)}

@@ -54,7 +54,8 @@ def test_whole_model_loss_and_gradients_equal_stock_peft():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_one_layer_equals_torch_autograd_with_the_same_mask(p, compiled):
-    from cpuft.fastpaths.fused_lora import keep_mask, keep_scale, lora_linear
+    from cpuft.fastpaths.compiled_elementwise import hashed_keep
+    from cpuft.fastpaths.fused_lora import draw_seeds, hashed_scale, hashed_threshold, keep_mask, keep_scale, lora_linear
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 37, 24, generator=generator, requires_grad=True)
@@ -67,8 +68,13 @@ def test_one_layer_equals_torch_autograd_with_the_same_mask(p, compiled):
     out = lora_linear(x, weight, bias, lora_a, lora_b, 2.0, p, compiled)
     got = torch.autograd.grad(out, (x, lora_a, lora_b), grad_out)
     torch.manual_seed(7)  # the same draws: the same mask
-    keep = keep_mask((3 * 37, 24), p).view(3, 37, 24) if p else torch.ones(3, 37, 24, dtype=torch.bool)
-    scale = keep_scale(p) if p else 1.0
+    if not p:
+        keep, scale = torch.ones(3, 37, 24, dtype=torch.bool), 1.0
+    elif compiled:  # the mask is a hash of each index under two seeds from torch's generator
+        keep = hashed_keep(torch.empty(3 * 37, 24), draw_seeds(), hashed_threshold(p)).view(3, 37, 24)
+        scale = hashed_scale(p)
+    else:  # 16-bit lanes from torch's generator
+        keep, scale = keep_mask((3 * 37, 24), p).view(3, 37, 24), keep_scale(p)
     if p:
         assert not bool(keep.all())  # the mask really drops something here
     want_out = x @ weight.T + bias + 2.0 * ((x * keep * scale) @ lora_a.T) @ lora_b.T
@@ -93,7 +99,8 @@ def test_keep_mask_keeps_one_minus_p_in_every_lane(p):
     assert abs(keep_scale(p) - 1 / (1 - p)) <= 1e-4  # p rounded to 1/65536
 
 
-def test_dropout_is_unbiased_like_torchs():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_dropout_is_unbiased_like_torchs(compiled):
     """Dropout's law, as torch's: E[output] is the no-dropout output (keep / (1 - p) rescales)."""
     from cpuft.fastpaths.fused_lora import lora_linear
 
@@ -102,7 +109,7 @@ def test_dropout_is_unbiased_like_torchs():
     weight, lora_a, lora_b = (torch.randn(*shape, generator=generator) for shape in ((12, 16), (4, 16), (12, 4)))
     torch.manual_seed(0)
     with torch.no_grad():
-        draws = torch.stack([lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.5) for _ in range(2000)])
+        draws = torch.stack([lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.5, compiled) for _ in range(2000)])
         exact = lora_linear(x, weight, None, lora_a, lora_b, 1.0, 0.0)
     assert float(draws.std(0).min()) > 0  # every output really varies
     # 6 standard errors: 96 outputs, each outside with probability ~2e-9.
@@ -121,14 +128,15 @@ def test_dropout_training_draws_fresh_masks_and_stays_finite():
     assert all(bool(torch.isfinite(g).all()) for g in first_grads.values())
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_recomputes_the_same_dropout_masks(use_reentrant):
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(use_reentrant, compiled):
     """With dropout, checkpointing's recompute must draw the masks its first forward drew (reentrant
     checkpointing runs that forward without gradients): the same loss and gradients as no checkpointing."""
     from cpuft.fastpaths.fused_lora import fuse_lora_layers
 
     model, batch = lora_llama(dropout=0.1), _batch()
-    fuse_lora_layers(model)
+    fuse_lora_layers(model, compiled=compiled)
     torch.manual_seed(3)
     plain_loss, plain_grads = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})

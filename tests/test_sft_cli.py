@@ -202,6 +202,32 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, tiny_model_dir):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_resume_keeps_the_dtype_the_run_trained_in(trained_run, tmp_path):
+    """`--dtype auto` resumed: the run goes on in the dtype of its plan.json (here rewritten to the
+    other one, as if a busier moment's timing had picked it), where this CPU runs it natively."""
+    import shutil
+
+    from cpuft.hardware.probe import probe_machine
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    header = json.loads((run_dir / "plan.json").read_text())
+    first = header["plan"]["compute_dtype"]
+    other = "fp32" if first == "bf16" else "bf16"
+    header["plan"]["compute_dtype"] = other
+    (run_dir / "plan.json").write_text(json.dumps(header))
+
+    result = run_cpuft("sft", "--output-dir", run_dir, "--resume", "--max-steps", "32", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads((run_dir / "plan.json").read_text())["plan"]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 32
+    if other == "fp32" or probe_machine().native_bf16:
+        assert plan["compute_dtype"] == other
+        assert plan["reasons"]["compute_dtype"].startswith(f"resume: {other}, the dtype the run trained in so far")
+    else:  # bf16 is emulated on this CPU: the plan's fp32 stands
+        assert plan["compute_dtype"] == "fp32" and not plan["reasons"]["compute_dtype"].startswith("resume:")
+
+
 def test_resume_without_a_run_directory_is_bad_input(tmp_path):
     result = run_cpuft("sft", "--output-dir", tmp_path / "nothing", "--resume")
     assert result.returncode == 2 and "not a cpuft run directory" in result.stderr

@@ -92,10 +92,10 @@ def job_keys(spec: dict, dtype: str = "auto") -> dict:
     )
 
 
-def cpuft_trainer(spec: dict, force_fp32: bool = False, plan_overrides: dict | None = None, dtype: str | None = None):
+def cpuft_trainer(spec: dict, plan_overrides: dict | None = None, dtype: str = "auto"):
     """cpuft's own recipe through its public stages (cpuft.train.sft), as `cpuft sft` runs it, with the plan it picks here
     (`plan_overrides`, e.g. {"fused_lora": False}: that plan field replaced, to measure a candidate); `dtype`
-    the job's dtype key (default auto; `force_fp32` is dtype "fp32")."""
+    the job's dtype key ("auto", "bf16", "fp32")."""
     from dataclasses import asdict
 
     from cpuft.config.job import SFTJobConfig
@@ -104,7 +104,7 @@ def cpuft_trainer(spec: dict, force_fp32: bool = False, plan_overrides: dict | N
     from cpuft.train.sft import build_trainer, prepare_run
 
     config = SFTJobConfig(
-        **job_keys(spec, dtype or ("fp32" if force_fp32 else "auto")), dataset_format="messages",
+        **job_keys(spec, dtype), dataset_format="messages",
         loss_on="all",  # the TRL variants train every token: same tokens, same loss, comparable
     )
     run = prepare_run(config, probe_machine(), log=lambda *a, **k: None)

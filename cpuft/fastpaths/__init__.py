@@ -22,7 +22,7 @@ def apply_fast_paths(model, plan) -> dict[str, object]:
     (cpuft.planning.plan: `fused_lora`, `compiled_elementwise`, `short_row_attention`); what each
     did, for the log."""
     done: dict[str, object] = {}
-    compiled = bool(getattr(plan, "compiled_elementwise", False))
+    compiled = plan.compiled_elementwise
     if compiled:  # why: the plan's reasons["compiled_elementwise"]; proof: tests/test_compiled_elementwise.py
         from cpuft.fastpaths.compiled_elementwise import compile_elementwise
 
@@ -31,7 +31,7 @@ def apply_fast_paths(model, plan) -> dict[str, object]:
         from cpuft.fastpaths.fused_lora import fuse_lora_layers
 
         done["fused_lora"] = fuse_lora_layers(model, compiled=compiled)
-    if getattr(plan, "short_row_attention", False):  # why: reasons["short_row_attention"]; proof: tests/test_short_attention.py
+    if plan.short_row_attention:  # why: reasons["short_row_attention"]; proof: tests/test_short_attention.py
         from cpuft.fastpaths.short_attention import use_short_row_attention
 
         done["short_row_attention"] = use_short_row_attention(model)

@@ -11,13 +11,16 @@ their own copy of the same input) and runs the mirror passes back.
 `fuse_lora_layers` makes each plain LoRA Linear compute the same function in one node:
 - forward: y = x W^T + b, then the adapter's product added into y by the GEMM itself
   (`addmm_` with alpha = scaling): no scale pass, no add pass, no [tokens, out] temporary;
-- dropout keeps each input element with probability 1 - p, drawn 16 random bits at a time from
-  one 64-bit draw (`keep_mask`: four elements per generator call instead of one), stored as a
-  1-byte mask; p is rounded to a multiple of 1/65536 (0.05 -> 0.0500031);
+- dropout keeps each input element with probability 1 - p. With the compiled kernels
+  (cpuft.fastpaths.compiled_elementwise) the mask is a hash of the element's index under two
+  seeds drawn from torch's generator, applied in one pass and recomputed in backward: only x
+  and the seeds are kept. Eagerly it is drawn 16 random bits at a time from one 64-bit draw
+  (`keep_mask`: four elements per generator call instead of one), stored as a 1-byte mask, with p
+  rounded to a multiple of 1/65536 (0.05 -> 0.0500031);
 - backward: the base weight is frozen, so x's gradient is g W plus the adapter's, added by the
   GEMM (p = 0) or one fused multiply-add (p > 0); A's and B's gradients are rank-sized GEMMs;
-  saved for backward: x (in fp32 the same tensor for q, k and v; under autocast each keeps its
-  cast copy, as PEFT's layers do), the 1-byte mask and h = x A^T.
+  saved for backward: x (the same tensor for q, k and v, unless autocast had to cast it), the
+  dropped copy and its 1-byte mask where the mask is eager, and h = x A^T.
 
 The same function: tests/test_fused_lora.py (p = 0: the loss and every LoRA gradient of a whole
 model equal stock PEFT's within 1e-5; p > 0: equal to torch's own autograd with the same masks;
@@ -34,6 +37,8 @@ from __future__ import annotations
 import types
 
 import torch
+
+from cpuft.fastpaths.compiled_elementwise import HASH_BITS, drop_hashed, dropout_backward_hashed
 
 # One 64-bit draw gives four 16-bit lanes; each lane keeps its element when it is >= the threshold.
 MASK_LANES = 4
@@ -65,25 +70,32 @@ def keep_scale(p: float) -> float:
     return 1.0 / (1.0 - round(p * MASK_LEVELS) / MASK_LEVELS)
 
 
-def drop_input(flat, p: float, compiled: bool):
+def drop_input(flat, p: float):
     """(flat with dropout p applied and the kept elements scaled by keep_scale(p), the keep mask)."""
-    lanes = keep_lanes(flat.shape)
-    threshold, scale = keep_threshold(p), keep_scale(p)
-    if compiled:  # one fused pass (cpuft.fastpaths.compiled_elementwise)
-        from cpuft.fastpaths.compiled_elementwise import drop
-
-        return drop(flat, lanes, threshold, scale)
-    keep = lanes >= threshold
-    return torch.where(keep, flat, 0).mul_(scale), keep
+    keep = keep_mask(flat.shape, p)
+    return torch.where(keep, flat, 0).mul_(keep_scale(p)), keep
 
 
-def add_dropped_gradient(grad_x, grad_dropped, keep, p: float, compiled: bool):
+def add_dropped_gradient(grad_x, grad_dropped, keep, p: float):
     """grad_x + grad_dropped * keep_scale(p) where the input was kept: dropout's backward."""
-    if compiled:
-        from cpuft.fastpaths.compiled_elementwise import add_kept
-
-        return add_kept(grad_x, grad_dropped, keep, keep_scale(p))
     return grad_x.add_(torch.where(keep, grad_dropped, 0), alpha=keep_scale(p))
+
+
+def draw_seeds():
+    """Two 32-bit seeds for a hashed dropout mask (cpuft.fastpaths.compiled_elementwise.hashed_keep),
+    from torch's generator: under torch.manual_seed a run draws the same masks again, and
+    checkpointing's recompute (which restores the generator) the masks its first forward drew."""
+    return torch.randint(0, 1 << HASH_BITS, (2,), dtype=torch.int64)
+
+
+def hashed_threshold(p: float) -> int:
+    """The 32-bit hash value from which an element is kept: P(keep) = 1 - p to within 2**-32."""
+    return round(p * (1 << HASH_BITS))
+
+
+def hashed_scale(p: float) -> float:
+    """1 / P(keep) for hashed_threshold(p)."""
+    return 1.0 / (1.0 - hashed_threshold(p) / (1 << HASH_BITS))
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -97,11 +109,18 @@ class LoRALinearFunction(torch.autograd.Function):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             a, b = working_copy(lora_a, dtype), working_copy(lora_b, dtype)
             out = torch.nn.functional.linear(flat, weight.to(dtype), None if bias is None else bias.to(dtype))
-            # The dropped (and rescaled) input is what A's gradient needs: it is kept in place of x.
-            dropped, keep = drop_input(flat, p, compiled) if p > 0 else (flat, None)
-            h = torch.mm(dropped, a.t())
+            if p > 0 and compiled:
+                # A hashed mask, recomputed in backward: x is kept (one tensor for q, k and v
+                # alike), not a dropped copy and a mask per layer.
+                keep = draw_seeds()
+                h = torch.mm(drop_hashed(flat, keep, hashed_threshold(p), hashed_scale(p)), a.t())
+                saved = flat
+            else:
+                # The dropped (and rescaled) input is what A's gradient needs: it is kept in place of x.
+                saved, keep = drop_input(flat, p) if p > 0 else (flat, None)
+                h = torch.mm(saved, a.t())
             out.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(dropped, keep, h, weight, lora_a, lora_b)
+        ctx.save_for_backward(saved, keep, h, weight, lora_a, lora_b)
         ctx.scaling, ctx.p, ctx.dtype, ctx.x_dtype, ctx.compiled = scaling, p, dtype, x.dtype, compiled
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -109,22 +128,28 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out):
-        dropped, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
+        saved, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
         scaling, p, dtype = ctx.scaling, ctx.p, ctx.dtype
+        hashed = keep is not None and ctx.compiled  # keep holds the seeds: see forward
         with torch.autocast("cpu", enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
             a, b = working_copy(lora_a, dtype), working_copy(lora_b, dtype)
             grad_h = torch.mm(g, b).mul_(scaling)  # [tokens, r]
             grad_b = torch.mm(g.t(), h).mul_(scaling) if lora_b.requires_grad else None
-            grad_a = torch.mm(grad_h.t(), dropped) if lora_a.requires_grad else None
-            grad_x = None
+            dropped, grad_x = saved, None
             if ctx.needs_input_grad[0]:
                 grad_x = torch.mm(g, weight.to(dtype))
                 if keep is None:
                     grad_x.addmm_(grad_h, a)
+                elif hashed:  # the mask recomputed once: the input gradient and the dropped input together
+                    grad_x, dropped = dropout_backward_hashed(grad_x, torch.mm(grad_h, a), saved, keep,
+                                                              hashed_threshold(p), hashed_scale(p))
                 else:
-                    grad_x = add_dropped_gradient(grad_x, torch.mm(grad_h, a), keep, p, ctx.compiled)
+                    grad_x = add_dropped_gradient(grad_x, torch.mm(grad_h, a), keep, p)
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+            elif hashed:
+                dropped = drop_hashed(saved, keep, hashed_threshold(p), hashed_scale(p))
+            grad_a = torch.mm(grad_h.t(), dropped) if lora_a.requires_grad else None
         return (grad_x, None, None, None if grad_a is None else grad_a.to(lora_a.dtype),
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None)
 

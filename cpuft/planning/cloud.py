@@ -432,7 +432,7 @@ def _measured_time(plan, settings, tokens, epochs, mean_seq_len, model_config, f
         costs, micro_batches, optimizer_steps, settings.gradient_checkpointing, head_tokens,
         plan.allreduce.seconds if plan.allreduce else 0.0, length_scale=row_tokens / measured_len,
     )
-    if getattr(plan, "compiled_elementwise", False):
+    if plan.compiled_elementwise:
         from cpuft.fastpaths.compiled_elementwise import compiled_in_this_process
         from cpuft.planning.plan import ELEMENTWISE_COMPILE_WARMUP_SECONDS
 

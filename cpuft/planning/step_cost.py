@@ -48,7 +48,8 @@ LAYER_MODEL_VOCAB = 256
 # tokens, then scaled: its cost is linear in the vocabulary and in tokens.
 HEAD_VOCAB_CHUNK = 32768
 HEAD_TOKENS = 256
-CACHE_VERSION = 1
+# Raised when what is measured changes (2: the compact head's own backward), so older entries are re-measured.
+CACHE_VERSION = 2
 # Rounds of an interleaved comparison (step_costs_by_dtype): each dtype keeps its fastest round.
 # Three: tiny models' steps are ms-long, and on a shared machine an OpenMP barrier waiting on a
 # descheduled thread stretched whole 2-round measurements 10-40x (cpuft.planning.dtype_choice).
@@ -137,6 +138,7 @@ def _cache_entry(model_config, settings, plan, rows: int, seq_len: int) -> tuple
         "lora_dropout": settings.lora_dropout, "target_modules": _target_modules(settings),
         "attn": settings.attn_implementation, "threads": plan.threads, "optimizer": settings.optimizer,
         "cpu_lm_head": plan.cpu_lm_head, "fused_lora": plan.fused_lora, "adapter_dtype": plan.adapter_dtype,
+        "compiled_elementwise": plan.compiled_elementwise, "short_row_attention": plan.short_row_attention,
         "torch": torch.__version__,
         "cpu": torch.cpu.get_capabilities().get("cpu_name", "") if hasattr(torch.cpu, "get_capabilities") else "",
     }
@@ -299,11 +301,14 @@ def _time_layers(model, rows: int, seq_len: int, compute_dtype: str) -> tuple[fl
     return f1, b1, f2, b2
 
 
-def _head_seconds(hidden: int, vocab: int, tokens: int, weights_dtype: str, compute_dtype: str, chunk: int) -> float:
+def _head_seconds(hidden: int, vocab: int, tokens: int, weights_dtype: str, compute_dtype: str, cpu_lm_head: bool) -> float:
     """lm_head + cross-entropy forward and backward through TRL's chunked log-prob kernel, as
-    SFTTrainer's loss runs it (entropy and top-1 for its logs included); best of two."""
+    SFTTrainer's loss runs it (entropy and top-1 for its logs included), or through cpuft's compact
+    head (cpuft.fastpaths.chunked_loss) where the run uses it; best of two."""
     import torch
     from trl.kernels import ChunkedLogProbFunction
+
+    from cpuft.fastpaths.chunked_loss import head_log_probs
 
     from cpuft.dtypes import torch_dtype
 
@@ -315,9 +320,12 @@ def _head_seconds(hidden: int, vocab: int, tokens: int, weights_dtype: str, comp
     for _ in range(3):
         start = time.perf_counter()
         with _autocast(compute_dtype):
-            log_probs, entropy, _, _, _ = ChunkedLogProbFunction.apply(
-                hidden_states, weight, None, targets, 1.0, chunk, None, 1.0,
-                ("log_probs", "entropy", "is_top1"))
+            if cpu_lm_head:
+                log_probs, _, _ = head_log_probs(hidden_states, weight, None, targets)
+            else:
+                log_probs, _, _, _, _ = ChunkedLogProbFunction.apply(
+                    hidden_states, weight, None, targets, 1.0, HEAD_VOCAB_CHUNK, None, 1.0,
+                    ("log_probs", "entropy", "is_top1"))
         (-log_probs.sum()).backward()
         hidden_states.grad = None
         best = min(best, time.perf_counter() - start)
@@ -327,12 +335,9 @@ def _head_seconds(hidden: int, vocab: int, tokens: int, weights_dtype: str, comp
 def _head_seconds_per_token(model_config, weights_dtype: str, compute_dtype: str, cpu_lm_head: bool) -> float:
     """The head over the full vocabulary per token, from a 32768-column slice at HEAD_TOKENS tokens
     (linear in both), in the tiles the run's head uses."""
-    from cpuft.hardware.tiles import lm_head_vocab_chunk
-
     vocab = int(model_config.vocab_size)
     width = min(vocab, HEAD_VOCAB_CHUNK)
-    tile = lm_head_vocab_chunk(HEAD_TOKENS) if cpu_lm_head else HEAD_VOCAB_CHUNK
-    seconds = _head_seconds(model_config.hidden_size, width, HEAD_TOKENS, weights_dtype, compute_dtype, tile)
+    seconds = _head_seconds(model_config.hidden_size, width, HEAD_TOKENS, weights_dtype, compute_dtype, cpu_lm_head)
     return seconds * (vocab / width) / HEAD_TOKENS
 
 

@@ -88,7 +88,7 @@ def prepare_dpo_run(job, machine, resume: bool = False, log=print) -> PreparedRu
     import torch
 
     from cpuft.data.preference import prepare_preferences
-    from cpuft.train.resume import keep_global_batch
+    from cpuft.train.resume import keep_dtype, keep_global_batch
 
     started, world = time.perf_counter(), World.from_env()
     log = log if world.is_main else quiet
@@ -104,7 +104,10 @@ def prepare_dpo_run(job, machine, resume: bool = False, log=print) -> PreparedRu
         log(f"rank {world.rank} of {world.size}: bound to CPUs {bound[0]}-{bound[-1]}")
 
     checked = preference_preflight(base_job, machine, world.local_size, world.nodes)
-    checked = keep_global_batch(checked, run_dir, job, log) if resume else checked
+    if resume:
+        checked = keep_dtype(checked, lambda pinned: preference_preflight(pinned, machine, world.local_size, world.nodes),
+                             base_job, run_dir, machine, log)
+        checked = keep_global_batch(checked, run_dir, job, log)
     if checked.plan.task_type == "SEQ_2_SEQ_LM":
         raise UserError(f"cpuft dpo trains causal LMs; {start.base_model} is an encoder-decoder (seq2seq) model.")
     check_fits(checked)

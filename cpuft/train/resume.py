@@ -9,7 +9,8 @@ aside the cut-short or corrupt ones, cpuft.run_dir); the hint a failed run print
 
 The planned step count is the Trainer's own (max_steps, or the epochs' steps of this world size's
 dataloader), so a config that asks for more steps continues a finished run instead. A run
-resumed on another number of processes keeps its global batch (`keep_global_batch`).
+resumed on another number of processes keeps its global batch (`keep_global_batch`), and a run
+whose dtype the plan chose keeps the one it trained in (`keep_dtype`).
 """
 
 from __future__ import annotations
@@ -115,3 +116,27 @@ def keep_global_batch(checked, run_dir, job, log):
     log(f"resume: {reason}")
     plan = replace(plan, gradient_accumulation_steps=accumulation, reasons={**plan.reasons, "batch": reason})
     return replace(checked, plan=plan)
+
+
+
+def keep_dtype(checked, plan_again, job, run_dir, machine, log):
+    """`checked` (a Preflight), or the job planned again by `plan_again(job)` with `dtype: auto`
+    pinned to the compute dtype the resumed run trained in (its plan.json). On a native-bf16 CPU
+    a small model's dtype is chosen by timing both (cpuft.planning.dtype_choice), and a busier
+    moment, or DDP ranks (which keep the fixed rule), could otherwise pick the other one halfway
+    through a run. Kept only where this machine runs that dtype natively: a bf16 run resumed on a
+    CPU without native bf16 takes what the plan picks there."""
+    from dataclasses import replace
+
+    try:
+        saved = json.loads(run_dir.plan_file.read_text())["plan"]["compute_dtype"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return checked  # a run from before plan.json recorded it: the plan decides
+    native = {"fp32"} | ({"bf16"} if machine.native_bf16 or machine.cuda_devices else set())
+    native |= {"fp16"} if machine.cuda_devices else set()
+    if job.dtype != "auto" or saved == checked.plan.compute_dtype or saved not in native:
+        return checked
+    reason = f"resume: {saved}, the dtype the run trained in so far (its {run_dir.PLAN}); this plan alone would pick {checked.plan.compute_dtype}"
+    log(reason)
+    pinned = plan_again(replace(job, dtype=saved))
+    return replace(pinned, plan=replace(pinned.plan, reasons={**pinned.plan.reasons, "compute_dtype": reason}))

@@ -62,7 +62,10 @@ def prepare_run(job: SFTJobConfig, machine: Machine, resume: bool = False, log=p
         log(f"rank {world.rank} of {world.size}: bound to CPUs {bound[0]}-{bound[-1]}")
 
     checked = preflight(job, machine, world.local_size, world.nodes)
-    checked = resuming.keep_global_batch(checked, run_dir, job, log) if resume else checked
+    if resume:
+        checked = resuming.keep_dtype(checked, lambda pinned: preflight(pinned, machine, world.local_size, world.nodes),
+                                      job, run_dir, machine, log)
+        checked = resuming.keep_global_batch(checked, run_dir, job, log)
     log(checked.describe() + "\n")
     check_fits(checked)
     torch.set_num_threads(checked.plan.threads)
