@@ -59,8 +59,9 @@ COMPILE_MIN_STEPS_CPU = 5000
 ELEMENTWISE_COMPILE_WARMUP_SECONDS = 27.0
 ELEMENTWISE_COMPILE_MIN_PARAMS = 50_000_000
 ELEMENTWISE_COMPILE_MEASURED = (
-    "at Qwen2.5-0.5B's shapes on an AVX-512-BF16 EPYC the head's log-softmax tiles ran 2x faster and the"
-    " step's time outside the frozen and lm_head GEMMs fell 1.27x with short-row attention (docs/speed.md)"
+    "at Qwen2.5-0.5B's shapes on an AVX-512-BF16 EPYC the head's log-softmax tiles ran 2x faster, hashed"
+    " dropout masks 4x faster than drawn ones, and the step's time outside the frozen and lm_head GEMMs"
+    " fell with short-row attention (docs/speed.md, Round 2)"
 )
 
 
@@ -406,10 +407,11 @@ CPU_EAGER_PATHS = {
         "on CUDA PEFT's LoRA passes are cheap next to the GEMMs",
         "inductor fuses LoRA's elementwise passes itself",
         "each LoRA linear's forward and backward as one autograd node: the adapter's product added"
-        " by the GEMM, dropout masks 16 bits a draw and 1 byte an element (torch's bernoulli_ was 14 % of"
-        " the 100m step; 1.13x at Qwen2.5-0.5B's shapes), bf16 adapter copies cast once per optimizer step;"
-        " same loss and gradients as PEFT's, tests/test_fused_lora.py. lora_dropout 0.05 (the default)"
-        " costs ~16 % of a layer at Qwen2.5-0.5B's shapes; lora_dropout: 0 skips it",
+        " by the GEMM, dropout masks 16 bits a draw and 1 byte an element, or hashed in the pass that applies"
+        " them with compiled_elementwise (torch's bernoulli_ was 14 % of the 100m step), bf16 adapter copies"
+        " cast once per optimizer step; same loss and gradients as PEFT's, tests/test_fused_lora.py."
+        " lora_dropout 0.05 (the default) costs 0-15 % of a layer at Qwen2.5-0.5B's shapes with hashed masks;"
+        " lora_dropout: 0 skips it",
     ),
     "short_row_attention": (
         "PyTorch's CUDA attention kernels are fast at every length",
