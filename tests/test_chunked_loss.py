@@ -179,3 +179,19 @@ def test_a_trainable_lm_head_still_gets_its_weight_gradient():
     expected_hidden, expected_weight = _full_logits_reference(hidden, weight, None, targets, entropy_weight=0.0)
     assert torch.allclose(hidden.grad, expected_hidden, atol=1e-5)
     assert torch.allclose(weight.grad, expected_weight, atol=1e-5)
+
+
+def test_a_micro_batch_without_labels_gives_zero_gradients():
+    """Every position masked (a micro-batch of prompts only): the head sees no rows, and its
+    backward still returns a gradient of the right (empty) shape, so the step goes on."""
+    import torch
+
+    from cpuft.fastpaths.chunked_loss import head_backward_rows, head_log_probs
+
+    assert head_backward_rows(0, 151_936, 2) == 1
+    weight = torch.randn(500, 32).bfloat16()
+    hidden = torch.randn(0, 32).bfloat16().requires_grad_(True)
+    log_probs, entropy, is_top1 = head_log_probs(hidden, weight, None, torch.zeros(0, dtype=torch.long))
+    assert log_probs.shape == entropy.shape == is_top1.shape == (0,)
+    log_probs.sum().backward()
+    assert hidden.grad.shape == (0, 32)

@@ -171,5 +171,5 @@ def head_backward_rows(rows: int, vocab: int, itemsize: int) -> int:
     lm_head weight twice), of equal size (a short last block runs a slow GEMM), and at least
     HEAD_BACKWARD_MIN_ROWS rows each."""
     most = max(HEAD_BACKWARD_MIN_ROWS, HEAD_BACKWARD_BUFFER_BYTES // (vocab * itemsize))
-    blocks = -(-rows // most)
+    blocks = max(1, -(-rows // most))
     return max(1, -(-rows // blocks))
