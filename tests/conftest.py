@@ -37,6 +37,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 DTYPE_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 
 
+def fixed_rule_dtype() -> str:
+    """The dtype the plan's fixed rule picks on this CPU (bf16 where it is native). Tests that
+    compare two separate runs at fp32's tolerance pin it (`dtype`): on a native-bf16 CPU a small
+    model's dtype is otherwise chosen by timing (cpuft.planning.dtype_choice), and a timing taken
+    at a busy moment is not believed, so two runs of one job could train in different dtypes."""
+    from cpuft.hardware.probe import probe_machine
+
+    return "bf16" if probe_machine().native_bf16 else "fp32"
+
+
 def planned_tolerance(run_dir: str | Path) -> tuple[str, float]:
     """(compute dtype, absolute tolerance) of the run in `run_dir`, from its plan.json."""
     dtype = json.loads((Path(run_dir) / "plan.json").read_text())["plan"]["compute_dtype"]

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from cpuft.storage import JobLease, LeaseKeeper
-from tests.conftest import random_chat_rows, run_cpuft, write_jsonl
+from tests.conftest import fixed_rule_dtype, random_chat_rows, run_cpuft, write_jsonl
 from tests.test_batch_preemption import max_abs_difference
 from tests.test_durable_runs import stored_complete_checkpoints, wait_for
 
@@ -32,6 +32,7 @@ JOB = {
     "max_steps": MAX_STEPS, "save_steps": 2, "save_total_limit": 2, "per_device_batch_size": 2,
     "gradient_accumulation_steps": 2, "max_length": 128, "eval_fraction": 0.0, "logging_steps": 1,
     "lora_dropout": 0.0,
+    "dtype": fixed_rule_dtype(),  # the reference and the resumed run alike (see conftest)
 }
 ADAPTER_TOLERANCE = 1e-6
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import random_chat_rows, run_cpuft, write_jsonl
+from tests.conftest import fixed_rule_dtype, random_chat_rows, run_cpuft, write_jsonl
 
 MAX_STEPS = 24
 SAVE_STEPS = 4
@@ -35,6 +35,7 @@ ADAPTER_TOLERANCE = 1e-6
 JOB = {  # small, but each step costs enough that the test can act between checkpoints
     "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "save_total_limit": 2, "per_device_batch_size": 2,
     "gradient_accumulation_steps": 1, "max_length": 256, "eval_fraction": 0.0, "logging_steps": 1,
+    "dtype": fixed_rule_dtype(),  # the reference and the resumed run alike (see conftest)
 }
 
 

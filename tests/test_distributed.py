@@ -21,19 +21,18 @@ from pathlib import Path
 import pytest
 
 from cpuft.errors import UserError
-from cpuft.hardware.probe import probe_machine
 from cpuft.planning.world import threads_per_rank
 from cpuft.train.distributed import (
     parse_cpulist,
     processes_per_node,
     world_from_flags,
 )
-from tests.conftest import planned_tolerance, run_cpuft
+from tests.conftest import fixed_rule_dtype, planned_tolerance, run_cpuft
 
 # The dtype is pinned to the fixed rule's (bf16 where native): one process measures a small
 # model's dtype (cpuft.planning.dtype_choice) while DDP ranks keep the fixed rule, and these tests
 # compare one process with several.
-PINNED_DTYPE = ("--dtype", "bf16" if probe_machine().native_bf16 else "fp32")
+PINNED_DTYPE = ("--dtype", fixed_rule_dtype())
 COMMON = ("--eval-fraction", "0", "--per-device-batch-size", "1", "--logging-steps", "1", "--lora-dropout", "0",
           "--threads", "1", "--no-progress", *PINNED_DTYPE)
 

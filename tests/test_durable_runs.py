@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import random_chat_rows, run_cpuft, write_jsonl
+from tests.conftest import fixed_rule_dtype, random_chat_rows, run_cpuft, write_jsonl
 from tests.test_batch_preemption import max_abs_difference
 
 MAX_STEPS = 10
@@ -29,6 +29,7 @@ JOB = {
     "max_steps": MAX_STEPS, "save_steps": 2, "save_total_limit": 2, "per_device_batch_size": 2,
     "gradient_accumulation_steps": 2, "max_length": 128, "eval_fraction": 0.0, "logging_steps": 1,
     "lora_dropout": 0.0,
+    "dtype": fixed_rule_dtype(),  # the reference and the resumed run alike (see conftest)
 }
 ADAPTER_TOLERANCE = 1e-6
 MANIFEST = "cpuft-manifest.json"
