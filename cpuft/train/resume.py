@@ -96,9 +96,8 @@ def keep_global_batch(checked, run_dir, job, log):
 
     from cpuft.errors import UserError
 
-    try:
-        saved = json.loads(run_dir.plan_file.read_text())["plan"]["global_batch_size"]
-    except (OSError, ValueError, KeyError, TypeError):
+    saved = _saved_plan_value(run_dir, "global_batch_size")
+    if saved is None:
         return checked  # a run from before plan.json recorded it: nothing to keep
     plan = checked.plan
     if plan.global_batch_size == saved:
@@ -118,6 +117,13 @@ def keep_global_batch(checked, run_dir, job, log):
     return replace(checked, plan=plan)
 
 
+def _saved_plan_value(run_dir, key: str):
+    """The resumed run's plan.json value of `key`; None where the file or the key is missing or unreadable."""
+    try:
+        return json.loads(run_dir.plan_file.read_text())["plan"][key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
 
 def keep_dtype(checked, plan_again, job, run_dir, machine, log):
     """`checked` (a Preflight), or the job planned again by `plan_again(job)` with `dtype: auto`
@@ -128,9 +134,8 @@ def keep_dtype(checked, plan_again, job, run_dir, machine, log):
     CPU without native bf16 takes what the plan picks there."""
     from dataclasses import replace
 
-    try:
-        saved = json.loads(run_dir.plan_file.read_text())["plan"]["compute_dtype"]
-    except (OSError, ValueError, KeyError, TypeError):
+    saved = _saved_plan_value(run_dir, "compute_dtype")
+    if saved is None:
         return checked  # a run from before plan.json recorded it: the plan decides
     native = {"fp32"} | ({"bf16"} if machine.native_bf16 or machine.cuda_devices else set())
     native |= {"fp16"} if machine.cuda_devices else set()
