@@ -61,6 +61,9 @@ def parse_args(argv):
     parser.add_argument("--plain-steps", type=int, default=1,
                         help="unprofiled steps to time (each its own batch); the median is reported")
     parser.add_argument("--no-profile", action="store_true", help="time the plain steps only")
+    parser.add_argument("--profile-batch", type=int, metavar="N",
+                        help="profile the N-th batch of the data (0 is the warm-up's); default: the one after the plain steps")
+    parser.add_argument("--top-ops", type=int, default=15, help="rows of the by-op table to print")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc mallopt: large allocations from the heap, freed memory kept (cpuft.hardware.allocator)")
     parser.add_argument("--fused-swiglu", action="store_true",
@@ -189,6 +192,8 @@ def main(argv) -> int:
     if len(batches) < args.plain_steps + 2:
         raise SystemExit(f"--steps-data {args.steps_data} gives {len(batches)} batches; need --plain-steps + 2")
     warm, plains, profiled = batches[0], batches[1:1 + args.plain_steps], batches[1 + args.plain_steps]
+    if args.profile_batch is not None:
+        profiled = batches[args.profile_batch]
     one_step(trainer, warm, record_function)
 
     timed = []  # (wall, user, system, faults) per plain step
@@ -228,7 +233,7 @@ def main(argv) -> int:
         "outside_unavoidable_gemms_seconds_per_1k_tokens": outside / profiled_tokens * 1000,
         "self_seconds_by_category": dict(by_category),
         "load_average": os.getloadavg(),
-        "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+        "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top_ops),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(result, indent=2))

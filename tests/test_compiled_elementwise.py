@@ -93,16 +93,20 @@ def _lowbias32(x: int) -> int:
     return x ^ (x >> 15)
 
 
-def test_hashed_mask_is_the_published_hash_of_each_index():
-    from cpuft.fastpaths.compiled_elementwise import hashed_keep
+@pytest.mark.parametrize("threshold", [0x0CCCCCCD, 1 << 31, 0xF3333333])
+def test_hashed_mask_is_the_published_hash_of_each_index(threshold):
+    """The int32 lanes compute the uint32 hash: every index, seeds and thresholds past 2**31."""
+    from cpuft.fastpaths.compiled_elementwise import drop_hashed, hashed_keep
 
     seeds = torch.tensor([0x9E3779B9, 0x7F4A7C15], dtype=torch.int64)
-    threshold = 1 << 31  # keep where the hash's top bit is set
     keep = hashed_keep(torch.empty(5, 7), seeds, threshold)
     assert keep.shape == (5, 7)
-    for index in (0, 1, 2, 17, 34):
-        value = _lowbias32(_lowbias32(index ^ 0x9E3779B9) ^ 0x7F4A7C15)
-        assert bool(keep.view(-1)[index]) == (value >= threshold), index
+    want = [_lowbias32(_lowbias32(index ^ 0x9E3779B9) ^ 0x7F4A7C15) >= threshold for index in range(35)]
+    assert keep.view(-1).tolist() == want
+    assert 0 < sum(want) < 35
+    # The compiled kernel (vector body and scalar tail: 35 is no multiple of a vector) agrees.
+    dropped = drop_hashed(torch.ones(5, 7), seeds, threshold, 1.0)
+    assert (dropped.view(-1) == 1).tolist() == want
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

@@ -24,7 +24,7 @@ formula, e.g. Gemma's 1 + weight, keeps its own forward):
 
 The fused LoRA node (cpuft.fastpaths.fused_lora) calls the dropout kernels itself: its masks are a
 hash of each element's index under two seeds (`hashed_keep`), computed inside the pass that applies
-them (4.4 ms for 2,048 x 4,864 elements against 18.6 ms for drawing 16-bit lanes from torch's
+them (3.4 ms for 2,048 x 4,864 elements against 17.0 ms for drawing 16-bit lanes from torch's
 generator and applying them) and recomputed in backward, so no mask and no dropped copy is kept.
 
 Costs: inductor's first compile of these functions took ~25 s on a 2-core EPYC (cached on disk
@@ -100,30 +100,40 @@ def _rotary(q, k, cos, sin):
 
 
 # Dropout's counter-based masks (`hashed_keep`): a 32-bit hash of each element's index under two
-# 32-bit seeds. Computed in int64 lanes so that no product overflows (each factor < 2**32 and each
-# constant < 2**31), masked back to 32 bits.
+# 32-bit seeds. Computed in int32 lanes, two's complement standing in for uint32: products wrap
+# modulo 2**32 as uint32's do, right shifts are masked to be logical, and the final unsigned
+# comparison flips the sign bit of both sides. int64 lanes give the same bits at 2.4x the time
+# (2,048 x 4,864 elements: 8.2 against 3.3 ms forward, 10.0 against 4.3 ms backward, AVX-512 EPYC).
 HASH_BITS = 32
-_HASH_MASK = (1 << HASH_BITS) - 1
+_SIGN_BIT = -(1 << (HASH_BITS - 1))
+# Flat indices past this wrap modulo 2**32 (an int64 arange cast down); below it an int32 arange.
+_INT32_INDICES = 1 << (HASH_BITS - 1)
 
 
 def _mix32(x):
-    """lowbias32 (C. Wellons' hash-prospector): a bijection of 32-bit values that mixes every input
-    bit into every output bit."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _HASH_MASK
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _HASH_MASK
-    return x ^ (x >> 15)
+    """lowbias32 (C. Wellons' hash-prospector) on int32 lanes holding uint32 values: a bijection of
+    32-bit values that mixes every input bit into every output bit."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x21F0AAAD
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x735A2D97
+    return x ^ ((x >> 15) & 0x1FFFF)
 
 
 def hashed_keep(like, seeds, threshold: int):
     """Dropout's keep mask for a tensor shaped `like`: True where the hash of the element's flat
-    index under `seeds` (an int64 tensor of two values < 2**32) is >= `threshold` (P(keep) =
-    1 - threshold / 2**32). A pure function of (index, seeds): backward recomputes the mask that
+    index (modulo 2**32) under `seeds` (an integer tensor of two 32-bit values; int64 values
+    >= 2**31 wrap to the same bits) is >= `threshold` as an unsigned value (P(keep) = 1 -
+    threshold / 2**32). A pure function of (index, seeds): backward recomputes the mask that
     forward drew instead of keeping it, and in a compiled kernel no random tensor is ever stored.
     Two rounds keyed by separate seeds, so masks under different seeds are not shifted copies."""
-    index = torch.arange(like.numel(), dtype=torch.int64, device=like.device).view(like.shape) & _HASH_MASK
-    return _mix32(_mix32(index ^ seeds[0]) ^ seeds[1]) >= threshold
+    if like.numel() < _INT32_INDICES:
+        index = torch.arange(like.numel(), dtype=torch.int32, device=like.device)
+    else:
+        index = torch.arange(like.numel(), dtype=torch.int64, device=like.device).to(torch.int32)
+    seeds = seeds.to(torch.int32)
+    hashed = _mix32(_mix32(index.view(like.shape) ^ seeds[0]) ^ seeds[1])
+    return (hashed ^ _SIGN_BIT) >= min(threshold, (1 << HASH_BITS) - 1) + _SIGN_BIT
 
 
 def _drop_hashed(x, seeds, threshold: int, scale: float):

@@ -85,7 +85,7 @@ def draw_seeds():
     """Two 32-bit seeds for a hashed dropout mask (cpuft.fastpaths.compiled_elementwise.hashed_keep),
     from torch's generator: under torch.manual_seed a run draws the same masks again, and
     checkpointing's recompute (which restores the generator) the masks its first forward drew."""
-    return torch.randint(0, 1 << HASH_BITS, (2,), dtype=torch.int64)
+    return torch.randint(-(1 << (HASH_BITS - 1)), 1 << (HASH_BITS - 1), (2,), dtype=torch.int32)
 
 
 def hashed_threshold(p: float) -> int:

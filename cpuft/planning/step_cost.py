@@ -48,8 +48,9 @@ LAYER_MODEL_VOCAB = 256
 # tokens, then scaled: its cost is linear in the vocabulary and in tokens.
 HEAD_VOCAB_CHUNK = 32768
 HEAD_TOKENS = 256
-# Raised when what is measured changes (2: the compact head's own backward), so older entries are re-measured.
-CACHE_VERSION = 2
+# Raised when what is measured changes (2: the compact head's own backward; 3: dropout masks hashed in
+# int32 lanes), so older entries are re-measured.
+CACHE_VERSION = 3
 # Rounds of an interleaved comparison (step_costs_by_dtype): each dtype keeps its fastest round.
 # Three: tiny models' steps are ms-long, and on a shared machine an OpenMP barrier waiting on a
 # descheduled thread stretched whole 2-round measurements 10-40x (cpuft.planning.dtype_choice).
