@@ -230,6 +230,28 @@ def test_the_rotary_swap_is_local_to_the_patched_model():
     assert qwen2.apply_rotary_pos_emb is original
 
 
+def test_the_swaps_survive_train_and_eval_switches(tmp_path):
+    """A model loaded by from_pretrained has transformers' hub kernels on, and each switch between
+    train and eval mode kernelizes it again: the compiled norm and MLP must still be in place after
+    the Trainer's model.train() (and an evaluation's eval() and back)."""
+    from transformers import AutoModelForCausalLM
+
+    from cpuft.fastpaths.compiled_elementwise import compile_elementwise
+
+    tiny_lora_model("qwen2").get_base_model().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.use_kernels  # transformers' default when loading; the case this test is about
+    counts = compile_elementwise(model)
+    assert counts["rms_norm"] == 5 and counts["mlp"] == 2
+    for mode in (True, False, True):
+        model.train(mode)
+        norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+        mlps = [layer.mlp for layer in model.model.layers]
+        assert all(getattr(m.forward, "__func__", None) is not None and m.forward.__func__.__name__ == "_norm_forward"
+                   for m in norms), mode
+        assert all(m.forward.__func__.__name__ == "_mlp_forward" for m in mlps), mode
+
+
 def test_modules_computing_something_else_keep_their_forward():
     """Gemma's RMSNorm scales by 1 + weight and its MLP uses GELU: the check at swap time refuses both."""
     from transformers import AutoConfig, AutoModelForCausalLM
