@@ -6,7 +6,8 @@ Builds the bench's model and data for `--size` (cpuft.bench.sizes; random weight
 downloaded), builds cpuft's own trainer exactly as `cpuft sft` does (cpuft.bench.worker.cpuft_trainer:
 the plan's dtype, threads, length-grouped batches, TRL's SFTTrainer and its loss), runs one
 warm-up optimizer step, then times one plain step (wall, user and system CPU seconds, minor page
-faults from getrusage) and profiles one more with torch.profiler (record_shapes). Each op's self CPU
+faults from getrusage) and profiles one more with torch.profiler (record_shapes; `--profile-batches all`:
+every batch of the data, each run once unprofiled first, reported one by one and summed). Each op's self CPU
 time goes to one category:
 
 - frozen-weight GEMMs: aten mm/addmm/bmm/linear whose shapes do not contain the LoRA rank;
@@ -61,8 +62,10 @@ def parse_args(argv):
     parser.add_argument("--plain-steps", type=int, default=1,
                         help="unprofiled steps to time (each its own batch); the median is reported")
     parser.add_argument("--no-profile", action="store_true", help="time the plain steps only")
-    parser.add_argument("--profile-batch", type=int, metavar="N",
-                        help="profile the N-th batch of the data (0 is the warm-up's); default: the one after the plain steps")
+    parser.add_argument("--profile-batches", metavar="N[,N]|all",
+                        help="profile these batches of the data (0 is the warm-up's; `all`: every one, each run once"
+                             " unprofiled first), each in its own profiled step, and report their sum; default: the"
+                             " one batch after the plain steps")
     parser.add_argument("--top-ops", type=int, default=15, help="rows of the by-op table to print")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc mallopt: large allocations from the heap, freed memory kept (cpuft.hardware.allocator)")
@@ -135,6 +138,10 @@ def one_step(trainer, batch, record_function):
     return float(loss)
 
 
+def non_padding_tokens(batch) -> int:
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def usage():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return time.perf_counter(), r.ru_utime, r.ru_stime, r.ru_minflt
@@ -191,9 +198,15 @@ def main(argv) -> int:
     batches = list(trainer.get_train_dataloader())
     if len(batches) < args.plain_steps + 2:
         raise SystemExit(f"--steps-data {args.steps_data} gives {len(batches)} batches; need --plain-steps + 2")
-    warm, plains, profiled = batches[0], batches[1:1 + args.plain_steps], batches[1 + args.plain_steps]
-    if args.profile_batch is not None:
-        profiled = batches[args.profile_batch]
+    warm, plains = batches[0], batches[1:1 + args.plain_steps]
+    if args.profile_batches == "all":
+        profiled_indices = list(range(len(batches)))
+        for batch in batches[1:]:  # every shape seen once before it is profiled (compiles, allocator)
+            one_step(trainer, batch, record_function)
+    elif args.profile_batches:
+        profiled_indices = [int(n) for n in args.profile_batches.split(",")]
+    else:
+        profiled_indices = [1 + args.plain_steps]
     one_step(trainer, warm, record_function)
 
     timed = []  # (wall, user, system, faults) per plain step
@@ -210,30 +223,43 @@ def main(argv) -> int:
               f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         return 0
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        profile_start = time.perf_counter()
-        one_step(trainer, profiled, record_function)
-        profiled_wall = time.perf_counter() - profile_start
-    by_category = categorise(prof.events(), trainer.model.peft_config["default"].r)
-    ops_total = sum(by_category.values())
-    by_category["Python and framework overhead"] = max(0.0, profiled_wall - ops_total)
+    by_category, profiled_runs, last_prof = defaultdict(float), [], None
+    for index in profiled_indices:
+        batch = batches[index]
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            profile_start = time.perf_counter()
+            one_step(trainer, batch, record_function)
+            profiled_wall = time.perf_counter() - profile_start
+        categories = categorise(prof.events(), trainer.model.peft_config["default"].r)
+        categories["Python and framework overhead"] = max(0.0, profiled_wall - sum(categories.values()))
+        batch_tokens = non_padding_tokens(batch)
+        outside = profiled_wall - sum(categories.get(name, 0.0) for name in UNAVOIDABLE_GEMMS)
+        profiled_runs.append({"batch": index, "shape": list(batch["input_ids"].shape), "non_padding_tokens": batch_tokens,
+                              "wall_seconds": profiled_wall, "outside_unavoidable_gemms_seconds": outside,
+                              "self_seconds_by_category": dict(categories)})
+        for name, seconds in categories.items():
+            by_category[name] += seconds
+        last_prof = prof
 
-    tokens = int(plain["attention_mask"].sum()) if "attention_mask" in plain else plain["input_ids"].numel()
-    profiled_tokens = int(profiled["attention_mask"].sum()) if "attention_mask" in profiled else profiled["input_ids"].numel()
-    outside = profiled_wall - sum(by_category.get(name, 0.0) for name in UNAVOIDABLE_GEMMS)
+    tokens = non_padding_tokens(plain)
+    profiled_tokens = sum(run["non_padding_tokens"] for run in profiled_runs)
+    profiled_wall = sum(run["wall_seconds"] for run in profiled_runs)
+    outside = sum(run["outside_unavoidable_gemms_seconds"] for run in profiled_runs)
     result = {
         "command": "python scripts/profile_step.py " + " ".join(argv),
         "size": args.size, **plan_facts, "threads": torch.get_num_threads(),
         "batch_shape": list(plain["input_ids"].shape), "non_padding_tokens": tokens,
         "step_wall_seconds": wall, "step_user_seconds": user, "step_system_seconds": system,
         "step_minor_page_faults": faults, "plain_step_wall_seconds": [t[0] for t in timed],
+        "profiled_steps": profiled_runs,
         "profiled_step_wall_seconds": profiled_wall,
-        "profiled_batch_shape": list(profiled["input_ids"].shape), "profiled_non_padding_tokens": profiled_tokens,
+        "profiled_batch_shape": profiled_runs[0]["shape"] if len(profiled_runs) == 1 else [run["shape"] for run in profiled_runs],
+        "profiled_non_padding_tokens": profiled_tokens,
         "outside_unavoidable_gemms_seconds": outside,
         "outside_unavoidable_gemms_seconds_per_1k_tokens": outside / profiled_tokens * 1000,
         "self_seconds_by_category": dict(by_category),
         "load_average": os.getloadavg(),
-        "top_ops": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top_ops),
+        "top_ops": last_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top_ops),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(result, indent=2))
@@ -242,10 +268,16 @@ def main(argv) -> int:
           f" {plan_facts['compute_dtype']}, {result['threads']} threads; plain step {wall:.2f} s wall,"
           f" {user:.2f} s user, {system:.2f} s system, {faults:,} minor page faults;"
           f" load average {result['load_average'][0]:.1f}")
-    print(f"\nprofiled step: batch {result['profiled_batch_shape']} ({profiled_tokens} non-padding tokens),"
-          f" {profiled_wall:.2f} s wall; outside the frozen-weight and lm_head GEMMs {outside:.2f} s ="
-          f" {outside / profiled_tokens * 1000:.2f} s per 1,000 tokens")
-    print("\n| category | self CPU s (profiled step) | share |\n|---|---|---|")
+    for run in profiled_runs:
+        print(f"\nprofiled step: batch {run['batch']} {run['shape']} ({run['non_padding_tokens']} non-padding tokens),"
+              f" {run['wall_seconds']:.2f} s wall; outside the frozen-weight and lm_head GEMMs"
+              f" {run['outside_unavoidable_gemms_seconds']:.2f} s ="
+              f" {run['outside_unavoidable_gemms_seconds'] / run['non_padding_tokens'] * 1000:.2f} s per 1,000 tokens")
+    if len(profiled_runs) > 1:
+        print(f"\nall {len(profiled_runs)} profiled steps: {profiled_tokens} non-padding tokens, {profiled_wall:.2f} s wall;"
+              f" outside the frozen-weight and lm_head GEMMs {outside:.2f} s ="
+              f" {outside / profiled_tokens * 1000:.2f} s per 1,000 tokens")
+    print("\n| category | self CPU s (profiled steps) | share |\n|---|---|---|")
     total = sum(by_category.values())
     for name in (*CATEGORIES, "Python and framework overhead"):
         print(f"| {name} | {by_category.get(name, 0.0):.2f} | {by_category.get(name, 0.0) / total:.1%} |")
