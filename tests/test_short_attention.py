@@ -54,6 +54,40 @@ def test_loss_and_lora_gradients_equal_sdpa(model_type, dtype, tokens, padded):
         assert float((got[name] - grad).abs().max()) <= grad_tolerance * scale, name
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens,padded", [(300, True), (131, False), (600, True)], ids=["3-chunks-padded", "2-chunks", "past-the-cap"])
+def test_chunked_attention_with_the_compiled_softmax_equals_sdpa(model_type, dtype, tokens, padded):
+    """Causal chunks of 128 queries (the last one shorter), left and right padding: the loss and
+    LoRA gradients of SDPA; past CHUNKED_MAX_TOKENS SDPA itself runs."""
+    from cpuft.fastpaths import short_attention
+    from cpuft.fastpaths.compiled_elementwise import why_not_compiled
+
+    if why_not_compiled() is not None:
+        pytest.skip(why_not_compiled())
+    model, batch, autocast = tiny_lora_model(model_type, dtype), _batch(2, tokens, padded), dtype == torch.bfloat16
+    want_loss, want = loss_and_grads(model, batch, autocast)
+    calls = []
+    original = short_attention.chunked_causal_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return original(*args, **kwargs)
+
+    short_attention.chunked_causal_attention = counted
+    try:
+        assert short_attention.use_short_row_attention(model, compiled=True)
+        got_loss, got = loss_and_grads(model, batch, autocast)
+    finally:
+        short_attention.chunked_causal_attention = original
+    assert calls == ([tokens, tokens] if tokens <= short_attention.CHUNKED_MAX_TOKENS else [])
+    loss_tolerance, grad_tolerance = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 5e-2)
+    assert abs(got_loss - want_loss) <= loss_tolerance * abs(want_loss)
+    scale = max(float(g.abs().max()) for g in want.values())
+    for name, grad in want.items():
+        assert float((got[name] - grad).abs().max()) <= grad_tolerance * scale, name
+
+
 def test_generation_after_the_switch_matches_sdpa():
     """Evaluation and generation (a KV cache: queries shorter than keys) still work, via SDPA."""
     from cpuft.fastpaths.short_attention import use_short_row_attention

@@ -34,5 +34,5 @@ def apply_fast_paths(model, plan) -> dict[str, object]:
     if plan.short_row_attention:  # why: reasons["short_row_attention"]; proof: tests/test_short_attention.py
         from cpuft.fastpaths.short_attention import use_short_row_attention
 
-        done["short_row_attention"] = use_short_row_attention(model)
+        done["short_row_attention"] = use_short_row_attention(model, compiled=compiled)
     return done

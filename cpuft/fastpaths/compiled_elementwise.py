@@ -149,11 +149,20 @@ def _dropout_backward_hashed(total, addend, x, seeds, threshold: int, scale: flo
             torch.where(keep, x * scale, 0).to(x.dtype))
 
 
+def _masked_softmax(scores, keep_mask, scaling: float):
+    """softmax(scores * scaling) over the last dim where `keep_mask`, in fp32, returned in the
+    scores' dtype (cpuft.fastpaths.short_attention's chunked attention). The fp32 lowest value
+    rather than -inf: a fully masked row gets finite weights, which that caller zeroes."""
+    weights = scores.float().mul(scaling).masked_fill(~keep_mask, torch.finfo(torch.float32).min)
+    return torch.softmax(weights, dim=-1).to(scores.dtype)
+
+
 # The layer's kernels run where autograd records; the dropout kernels run inside the fused LoRA
 # node's forward and backward, where it does not (gradients off by design), so they always compile.
 rms_norm = _compiled(_rms_norm, training_only=True)
 swiglu = _compiled(_swiglu, training_only=True)
 rotary = _compiled(_rotary, training_only=True)
+masked_softmax = _compiled(_masked_softmax, training_only=True)
 drop_hashed = _compiled(_drop_hashed)
 dropout_backward_hashed = _compiled(_dropout_backward_hashed)
 
