@@ -451,3 +451,20 @@ def test_sft_stops_before_loading_weights_when_the_run_does_not_fit(too_big_conf
     assert "--quant nf4" in result.stderr or "nothing:" in result.stderr
     assert "Traceback" not in result.stderr
     assert not run_dir.exists()
+
+
+def test_gemm_attention_keeps_its_scores_up_to_its_length_and_sdpa_keeps_none(shapes):
+    """Rows short enough for cpuft's GEMM attention keep up to [tokens x tokens] scores and softmax
+    per head (its causal chunks about half), counted as eager attention's: Qwen2.5-0.5B, 4 x 512 bf16, 14 heads, 24 layers, 2 bytes each:
+    2 x 14 x 512 x 2,048 tokens x 24 layers x 2 bytes = 1,409,286,144 bytes more. Longer rows run
+    SDPA and keep none."""
+    from cpuft.planning.memory import activation_bytes
+
+    sdpa = RunSettings(batch_size=4, seq_len=512, compute_dtype="bf16", weights_dtype="bf16")
+    gemm = RunSettings(batch_size=4, seq_len=512, compute_dtype="bf16", weights_dtype="bf16",
+                       gemm_attention_max_tokens=512)
+    assert activation_bytes(shapes["qwen05b"], gemm) - activation_bytes(shapes["qwen05b"], sdpa) == 1_409_286_144
+    longer = RunSettings(batch_size=4, seq_len=1024, compute_dtype="bf16", weights_dtype="bf16",
+                         gemm_attention_max_tokens=512)
+    assert activation_bytes(shapes["qwen05b"], longer) == activation_bytes(
+        shapes["qwen05b"], RunSettings(batch_size=4, seq_len=1024, compute_dtype="bf16", weights_dtype="bf16"))

@@ -30,7 +30,8 @@ The arithmetic, per parameter (see docs/memory-plan.md for the published figures
 
 Limits: decoder-only and encoder-decoder transformers that transformers can build from a config;
 attention is assumed to be SDPA/flash (no seq x seq score matrix) unless `attn_implementation` is
-"eager"; allocator fragmentation and the optimizer's transient buffers are not modelled (a few %).
+"eager" or the rows are short enough for cpuft's GEMM attention (`gemm_attention_max_tokens`);
+allocator fragmentation and the optimizer's transient buffers are not modelled (a few %).
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class RunSettings:
     target_modules: str = "all-linear"
     num_virtual_tokens: int = 20
     attn_implementation: str = "sdpa"
+    # Rows up to this many tokens run cpuft's GEMM attention (cpuft.fastpaths.short_attention),
+    # which keeps softmax weights for backward as eager attention does; 0: SDPA for every row.
+    gemm_attention_max_tokens: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
     ranks_per_node: int = 1  # DDP ranks sharing this node's RAM (each with its own model copy)
     world_size: int = 1  # all ranks; above 1, DDP's gradient buckets
@@ -416,7 +420,7 @@ def _layer_activation_elements(shape: ModelShape, settings: RunSettings) -> tupl
     h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_size
     elements = 4 * h + (h + 2 * kv) + 2 * h + 2 * _up_projections_per_layer(shape) * i
     masks = 0.0
-    if settings.attn_implementation == "eager":
+    if settings.attn_implementation == "eager" or settings.seq_len <= settings.gemm_attention_max_tokens:
         elements += 2 * shape.num_heads * settings.seq_len  # scores and softmax, per query token
     if settings.training == "adapter" and settings.peft_method in ("lora", "adalora", "loha", "lokr") and settings.lora_dropout > 0:
         per_layer_targets = targeted_linears(shape, settings.target_modules)
@@ -512,8 +516,15 @@ def usable_capacity(machine, device: str) -> tuple[int | None, str]:
 
 
 def settings_for_plan(plan, **overrides) -> RunSettings:
-    """RunSettings from a cpuft Plan (device, dtypes, quantisation, batch, checkpointing, world)."""
+    """RunSettings from a cpuft Plan (device, dtypes, quantisation, batch, checkpointing, world,
+    attention)."""
+    from cpuft.fastpaths.short_attention import CHUNKED_MAX_TOKENS, SHORT_ROW_MAX_TOKENS
+
+    gemm_attention = 0
+    if plan.short_row_attention:
+        gemm_attention = CHUNKED_MAX_TOKENS if plan.compiled_elementwise else SHORT_ROW_MAX_TOKENS
     values = dict(
+        gemm_attention_max_tokens=gemm_attention,
         ranks_per_node=plan.ranks_per_node,
         world_size=plan.world_size,
         quantization=plan.quantization,

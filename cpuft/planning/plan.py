@@ -131,7 +131,7 @@ class Plan:
     cpu_lm_head: bool = False  # cpuft.fastpaths.chunked_loss: lm_head + loss at labelled positions, heap-sized tiles
     fused_lora: bool = False  # cpuft.fastpaths.fused_lora: each LoRA linear's training pass as one autograd node
     compiled_elementwise: bool = False  # cpuft.fastpaths.compiled_elementwise: norms, rotary, SiLU, dropout compiled
-    short_row_attention: bool = False  # cpuft.fastpaths.short_attention: rows <= 256 tokens by batched GEMMs
+    short_row_attention: bool = False  # cpuft.fastpaths.short_attention: short rows by batched GEMMs
     # The model's own facts (cpuft.planning.architecture); None when the request had none.
     model_class: str | None = None
     task_type: str | None = None
@@ -418,7 +418,9 @@ CPU_EAGER_PATHS = {
         "inductor plans the attention itself",
         "SDPA (attn_implementation sdpa) rows of <= 256 tokens as grouped batched GEMMs, keys and values"
         " never repeated: SDPA's CPU backward is slow on short rows (Qwen2.5-0.5B heads, bf16: 2.3x faster"
-        " at 128 tokens, 1.2x at 256; longer rows keep SDPA); same loss and gradients, tests/test_short_attention.py",
+        " at 128 tokens, 1.2x at 256); with compiled_elementwise rows of <= 512 tokens in causal chunks of"
+        " 128 queries with a compiled softmax (1.7x SDPA at 256 and 512 tokens, 2x at 384); longer rows keep"
+        " SDPA; same loss and gradients, tests/test_short_attention.py",
     ),
 }
 
