@@ -53,7 +53,7 @@ def chunked_causal_attention(query, key, value, keep_mask, scaling: float, chunk
     keys = key.reshape(batch * kv_heads, tokens, dim)
     values = value.reshape(batch * kv_heads, tokens, dim)
     if keep_mask is None:
-        keep_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=query.device).tril().view(1, 1, tokens, tokens)
+        keep_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=query.device).tril().expand(batch, 1, tokens, tokens)
         attends_somewhere = None
     else:
         attends_somewhere = keep_mask.any(-1, keepdim=True).unsqueeze(2)  # [B, 1, 1, T, 1]
@@ -63,7 +63,10 @@ def chunked_causal_attention(query, key, value, keep_mask, scaling: float, chunk
         rows = end - start
         stacked = grouped[:, :, :, start:end].reshape(batch * kv_heads, groups * rows, dim)
         scores = torch.bmm(stacked, keys[:, :end].transpose(1, 2)).view(batch, kv_heads, groups, rows, end)
-        weights = masked_softmax(scores, keep_mask[:, :, start:end, :end].unsqueeze(2), scaling)
+        # A contiguous [B, 1, 1, rows, end] mask whether or not there was padding: one layout, so the
+        # compiled softmax is not recompiled per mask stride (dynamo's limit is 8 variants).
+        chunk_mask = keep_mask[:, :, start:end, :end].contiguous().unsqueeze(2)
+        weights = masked_softmax(scores, chunk_mask, scaling)
         outs.append(torch.bmm(weights.view(batch * kv_heads, groups * rows, end), values[:, :end])
                     .view(batch, kv_heads, groups, rows, dim))
     out = torch.cat(outs, dim=3)
