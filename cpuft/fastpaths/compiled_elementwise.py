@@ -20,7 +20,9 @@ formula, e.g. Gemma's 1 + weight, keeps its own forward):
 - the rotary embedding of each attention module (its modeling module's `apply_rotary_pos_emb`,
   swapped in only while that attention's forward runs);
 - TRL's lm_head + loss tiles (`compile_head_tiles`): its log-softmax, entropy and top-1 folded
-  over each logits tile in one compiled pass instead of ~12 eager ones, forward and backward.
+  over each logits tile in one compiled pass instead of ~12 eager ones, forward and backward;
+- attention's scale, mask and softmax (`masked_softmax`), called by the chunked GEMM attention
+  (cpuft.fastpaths.short_attention).
 
 The fused LoRA node (cpuft.fastpaths.fused_lora) calls the dropout kernels itself: its masks are a
 hash of each element's index under two seeds (`hashed_keep`), computed inside the pass that applies
