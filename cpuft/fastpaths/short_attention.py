@@ -18,7 +18,7 @@ by its SDPA mask function: the same masks, the same skipping of an all-causal ma
 With the compiled kernels (`use_short_row_attention(model, compiled=True)`, the plan's
 `compiled_elementwise`), rows of up to CHUNKED_MAX_TOKENS run the same GEMMs in causal chunks of
 CHUNK_TOKENS queries, each against the keys up to its last query only (the upper triangle's
-blocks are never computed: 5/8 of the work at 512 tokens), and the scale, mask and softmax as one
+blocks are never computed: 2/3 of the work at 384 tokens), and the scale, mask and softmax as one
 compiled pass each way. Forward + backward at Qwen2.5-0.5B's heads, bf16, 2-core EPYC (SDPA /
 chunked): 4 x 256 25.8 / 15.0 ms, 4 x 384 66 / 33, 4 x 512 86 / 50, 4 x 1,024 291 / 209. Memory
 caps the length: unlike SDPA's kernel, autograd keeps each chunk's softmax weights (bf16, about
@@ -36,9 +36,12 @@ NAME = "cpuft_sdpa"
 # Measured crossover (see the module docstring): batched GEMMs win up to 256 tokens a row.
 SHORT_ROW_MAX_TOKENS = 256
 # With the compiled softmax: causal chunks of this many queries (128: fastest of 64-512 chunks at
-# 512 and 1,024 tokens), up to this length (the kept weights grow with its square).
+# 512 and 1,024 tokens), up to this length. Autograd keeps 4 bytes per score of the chunks (the
+# bf16 scores for the softmax's backward, the bf16 weights for the values' GEMM): at 4 x 512
+# Qwen2.5-0.5B's peak RSS rose 4,627 -> 5,420 MiB for ~0.9 s of a ~15 s step, a trade that
+# could push a larger model into gradient checkpointing; at 384 the kept scores are 60 % of 512's.
 CHUNK_TOKENS = 128
-CHUNKED_MAX_TOKENS = 512
+CHUNKED_MAX_TOKENS = 384
 
 
 def chunked_causal_attention(query, key, value, keep_mask, scaling: float, chunk: int = CHUNK_TOKENS):

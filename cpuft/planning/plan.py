@@ -418,9 +418,9 @@ CPU_EAGER_PATHS = {
         "inductor plans the attention itself",
         "SDPA (attn_implementation sdpa) rows of <= 256 tokens as grouped batched GEMMs, keys and values"
         " never repeated: SDPA's CPU backward is slow on short rows (Qwen2.5-0.5B heads, bf16: 2.3x faster"
-        " at 128 tokens, 1.2x at 256); with compiled_elementwise rows of <= 512 tokens in causal chunks of"
-        " 128 queries with a compiled softmax (1.7x SDPA at 256 and 512 tokens, 2x at 384); longer rows keep"
-        " SDPA; same loss and gradients, tests/test_short_attention.py",
+        " at 128 tokens, 1.2x at 256); with compiled_elementwise rows of <= 384 tokens in causal chunks of"
+        " 128 queries with a compiled softmax (1.7x SDPA at 256 tokens, 2x at 384); longer rows keep SDPA,"
+        " whose kernel keeps no scores for backward; same loss and gradients, tests/test_short_attention.py",
     ),
 }
 
