@@ -24,34 +24,44 @@ def _batch(rows: int, tokens: int, padded: bool):
     return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("tokens,padded", [(40, True), (40, False), (300, True)], ids=["short-padded", "short", "long"])
-def test_loss_and_lora_gradients_equal_sdpa(model_type, dtype, tokens, padded):
+def _assert_equals_sdpa(model_type, dtype, rows: int, tokens: int, padded: bool, path: str, compiled: bool) -> list:
+    """Train one batch with SDPA, then with cpuft_sdpa (`compiled`: the chunked path); assert the
+    same loss and LoRA gradients, within the dtype's tolerance; the row lengths that `path` (a
+    function of cpuft.fastpaths.short_attention) was called with."""
     from cpuft.fastpaths import short_attention
 
-    model, batch, autocast = tiny_lora_model(model_type, dtype), _batch(3, tokens, padded), dtype == torch.bfloat16
+    model, batch, autocast = tiny_lora_model(model_type, dtype), _batch(rows, tokens, padded), dtype == torch.bfloat16
     want_loss, want = loss_and_grads(model, batch, autocast)
     calls = []
-    original = short_attention.grouped_causal_attention
+    original = getattr(short_attention, path)
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape[2])
         return original(*args, **kwargs)
 
-    short_attention.grouped_causal_attention = counted
+    setattr(short_attention, path, counted)
     try:
-        assert short_attention.use_short_row_attention(model)
+        assert short_attention.use_short_row_attention(model, compiled=compiled)
         got_loss, got = loss_and_grads(model, batch, autocast)
     finally:
-        short_attention.grouped_causal_attention = original
-    # Short rows ran the grouped GEMMs in both layers; long ones SDPA.
-    assert calls == ([tokens, tokens] if tokens <= short_attention.SHORT_ROW_MAX_TOKENS else [])
+        setattr(short_attention, path, original)
     loss_tolerance, grad_tolerance = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 5e-2)
     assert abs(got_loss - want_loss) <= loss_tolerance * abs(want_loss)
     scale = max(float(g.abs().max()) for g in want.values())
     for name, grad in want.items():
         assert float((got[name] - grad).abs().max()) <= grad_tolerance * scale, name
+    return calls
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens,padded", [(40, True), (40, False), (300, True)], ids=["short-padded", "short", "long"])
+def test_loss_and_lora_gradients_equal_sdpa(model_type, dtype, tokens, padded):
+    from cpuft.fastpaths.short_attention import SHORT_ROW_MAX_TOKENS
+
+    calls = _assert_equals_sdpa(model_type, dtype, 3, tokens, padded, "grouped_causal_attention", compiled=False)
+    # Short rows ran the grouped GEMMs in both layers; long ones SDPA.
+    assert calls == ([tokens, tokens] if tokens <= SHORT_ROW_MAX_TOKENS else [])
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
@@ -60,32 +70,13 @@ def test_loss_and_lora_gradients_equal_sdpa(model_type, dtype, tokens, padded):
 def test_chunked_attention_with_the_compiled_softmax_equals_sdpa(model_type, dtype, tokens, padded):
     """Causal chunks of 128 queries (the last one shorter), left and right padding: the loss and
     LoRA gradients of SDPA; past CHUNKED_MAX_TOKENS SDPA itself runs."""
-    from cpuft.fastpaths import short_attention
     from cpuft.fastpaths.compiled_elementwise import why_not_compiled
+    from cpuft.fastpaths.short_attention import CHUNKED_MAX_TOKENS
 
     if why_not_compiled() is not None:
         pytest.skip(why_not_compiled())
-    model, batch, autocast = tiny_lora_model(model_type, dtype), _batch(2, tokens, padded), dtype == torch.bfloat16
-    want_loss, want = loss_and_grads(model, batch, autocast)
-    calls = []
-    original = short_attention.chunked_causal_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape[2])
-        return original(*args, **kwargs)
-
-    short_attention.chunked_causal_attention = counted
-    try:
-        assert short_attention.use_short_row_attention(model, compiled=True)
-        got_loss, got = loss_and_grads(model, batch, autocast)
-    finally:
-        short_attention.chunked_causal_attention = original
-    assert calls == ([tokens, tokens] if tokens <= short_attention.CHUNKED_MAX_TOKENS else [])
-    loss_tolerance, grad_tolerance = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 5e-2)
-    assert abs(got_loss - want_loss) <= loss_tolerance * abs(want_loss)
-    scale = max(float(g.abs().max()) for g in want.values())
-    for name, grad in want.items():
-        assert float((got[name] - grad).abs().max()) <= grad_tolerance * scale, name
+    calls = _assert_equals_sdpa(model_type, dtype, 2, tokens, padded, "chunked_causal_attention", compiled=True)
+    assert calls == ([tokens, tokens] if tokens <= CHUNKED_MAX_TOKENS else [])
 
 
 def test_generation_after_the_switch_matches_sdpa():
