@@ -9,6 +9,7 @@ memory limit on rank 1 alone), SIGTERM to one rank, kill -9 of one rank, each fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -239,13 +240,22 @@ def _wait_for(condition, launcher: subprocess.Popen, what: str, seconds: float =
     pytest.fail(f"{what} did not happen: {launcher.communicate()[0][-3000:]}")
 
 
-def _finish(launcher: subprocess.Popen, seconds: float) -> str:
-    """The launcher's output once it ends; a failure (not a hang) when it takes over `seconds`."""
+def _finish(launcher: subprocess.Popen, seconds: float, others: tuple = ()) -> str:
+    """The launcher's output once it ends; a failure (not a hang) when it takes over `seconds`.
+    `others`: the other nodes' launchers. torchrun's agent waits up to 300 s in its exit barrier for
+    every node's agent, so a node that hangs may be waiting on another: the failure shows the
+    output of those still running too."""
     try:
         return launcher.communicate(timeout=seconds)[0]
     except subprocess.TimeoutExpired:
         os.killpg(launcher.pid, signal.SIGKILL)
-        pytest.fail(f"the job still ran {seconds} s after one rank stopped: {launcher.communicate()[0][-3000:]}")
+        waited_on = ""
+        for other in others:
+            if other.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(other.pid, signal.SIGKILL)
+                waited_on += f"\n--- another node, still running then ---\n{other.communicate()[0][-3000:]}"
+        pytest.fail(f"the job still ran {seconds} s after one rank stopped: {launcher.communicate()[0][-3000:]}{waited_on}")
 
 
 def _checkpoints(run_dir: Path) -> list[int]:
@@ -320,7 +330,7 @@ def test_a_rank_that_fails_or_stops_ends_the_job_and_resume_continues(qa_model_d
     port = free_port()
     nodes = [_start([*resume, "--max-steps", str(end), "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}",
                      "--node-rank", str(r)], env) for r in (0, 1)]
-    outs = [_finish(node, 300) for node in nodes]
+    outs = [_finish(node, 300, others=tuple(n for n in nodes if n is not node)) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     steps = [s for s, _ in losses(run_dir)]
     assert steps == list(range(1, end + 1))  # every step logged exactly once across the four runs
