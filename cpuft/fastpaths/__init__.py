@@ -8,7 +8,7 @@ test_fused_swiglu.py prove it against the stock code) with less non-GEMM work.
 - compiled_elementwise: RMSNorm, rotary, SiLU-and-multiply and LoRA dropout as compiled
   kernels, one pass each way (`compiled_elementwise`);
 - short_attention: attention over short rows as grouped batched GEMMs (`short_row_attention`;
-  with the compiled kernels, rows up to 512 tokens in causal chunks).
+  with the compiled kernels, rows up to 384 tokens in causal chunks).
 
 The plan (cpuft.planning.plan) decides which are on and says why; `apply_fast_paths` applies
 them, for the trainer (cpuft.train.assembly) and for the time plan's layer measurement

@@ -21,8 +21,8 @@ CHUNK_TOKENS queries, each against the keys up to its last query only (the upper
 blocks are never computed: 2/3 of the work at 384 tokens), and the scale, mask and softmax as one
 compiled pass each way. Forward + backward at Qwen2.5-0.5B's heads, bf16, 2-core EPYC (SDPA /
 chunked): 4 x 256 25.8 / 15.0 ms, 4 x 384 66 / 33, 4 x 512 86 / 50, 4 x 1,024 291 / 209. Memory
-caps the length: unlike SDPA's kernel, autograd keeps each chunk's softmax weights (bf16, about
-heads x T / 2 elements per token per layer).
+caps the length (CHUNKED_MAX_TOKENS): unlike SDPA's kernel, autograd keeps each chunk's scores
+and softmax weights.
 
 The same function: tests/test_short_attention.py (loss and LoRA gradients equal SDPA's on padded
 batches, fp32 and bf16).
@@ -44,11 +44,28 @@ CHUNK_TOKENS = 128
 CHUNKED_MAX_TOKENS = 384
 
 
+def grouped_causal_attention(query, key, value, keep_mask, scaling: float):
+    """softmax(q k^T * scaling, masked) v for query [B, H, T, D] and key/value [B, KV, T, D],
+    H a multiple of KV; `keep_mask` a bool [B, 1, T, T] (True: attend) or None for plain causal.
+    Returns [B, T, H, D], as transformers' attention functions do. The whole row is one chunk and
+    the softmax runs eagerly (cpuft.fastpaths.compiled_elementwise's formula, uncompiled)."""
+    from cpuft.fastpaths.compiled_elementwise import masked_softmax
+
+    return _attention_in_chunks(query, key, value, keep_mask, scaling, query.shape[2], masked_softmax.eager)
+
+
 def chunked_causal_attention(query, key, value, keep_mask, scaling: float, chunk: int = CHUNK_TOKENS):
     """grouped_causal_attention in causal chunks of `chunk` queries, each against the keys up to
     its last query, the softmax compiled (cpuft.fastpaths.compiled_elementwise.masked_softmax)."""
     from cpuft.fastpaths.compiled_elementwise import masked_softmax
 
+    return _attention_in_chunks(query, key, value, keep_mask, scaling, chunk, masked_softmax)
+
+
+def _attention_in_chunks(query, key, value, keep_mask, scaling: float, chunk: int, masked_softmax):
+    """The query heads sharing a key/value head stacked along the sequence (keys and values never
+    repeated), queries in causal chunks of `chunk`, each against the keys up to its last query;
+    `masked_softmax(scores, keep_mask, scaling)` gives the weights."""
     batch, heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -59,7 +76,7 @@ def chunked_causal_attention(query, key, value, keep_mask, scaling: float, chunk
         keep_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=query.device).tril().expand(batch, 1, tokens, tokens)
         attends_somewhere = None
     else:
-        attends_somewhere = keep_mask.any(-1, keepdim=True).unsqueeze(2)  # [B, 1, 1, T, 1]
+        attends_somewhere = keep_mask.any(-1, keepdim=True).unsqueeze(2)  # [B, 1, 1, T, 1]: False on a left pad's first rows
     outs = []
     for start in range(0, tokens, chunk):
         end = min(tokens, start + chunk)
@@ -72,35 +89,10 @@ def chunked_causal_attention(query, key, value, keep_mask, scaling: float, chunk
         weights = masked_softmax(scores, chunk_mask, scaling)
         outs.append(torch.bmm(weights.view(batch * kv_heads, groups * rows, end), values[:, :end])
                     .view(batch, kv_heads, groups, rows, dim))
-    out = torch.cat(outs, dim=3)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
     if attends_somewhere is not None:
-        out = out * attends_somewhere
-    return out.reshape(batch, heads, tokens, dim).transpose(1, 2)
-
-
-def grouped_causal_attention(query, key, value, keep_mask, scaling: float):
-    """softmax(q k^T * scaling, masked) v for query [B, H, T, D] and key/value [B, KV, T, D],
-    H a multiple of KV; `keep_mask` a bool [B, 1, T, T] (True: attend) or None for plain causal.
-    Returns [B, T, H, D], as transformers' attention functions do."""
-    batch, heads, tokens, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    stacked = query.reshape(batch * kv_heads, groups * tokens, dim)
-    scores = torch.bmm(stacked, key.reshape(batch * kv_heads, tokens, dim).transpose(1, 2))
-    scores = scores.view(batch, kv_heads, groups, tokens, tokens)
-    attends_somewhere = None
-    if keep_mask is None:
-        keep_mask = torch.ones(tokens, tokens, dtype=torch.bool, device=query.device).tril()
-    else:
-        keep_mask = keep_mask.unsqueeze(2)  # [B, 1, 1, T, T]: the same for every head
-        attends_somewhere = keep_mask.any(-1, keepdim=True)  # False on a left pad's first rows
-    # The dtype's lowest value rather than -inf: a fully masked row gives finite weights, and its
-    # output is then zeroed, as SDPA's CPU kernel returns zeros for it.
-    scores = scores.mul(scaling).masked_fill(~keep_mask, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.bmm(weights.view(batch * kv_heads, groups * tokens, tokens),
-                    value.reshape(batch * kv_heads, tokens, dim)).view(batch, kv_heads, groups, tokens, dim)
-    if attends_somewhere is not None:
+        # A fully masked row got finite weights (the fp32 lowest value, not -inf); its output is
+        # zeroed, as SDPA's CPU kernel returns zeros for it.
         out = out * attends_somewhere
     return out.reshape(batch, heads, tokens, dim).transpose(1, 2)
 
